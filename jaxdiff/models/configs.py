@@ -72,3 +72,80 @@ def _freeze(value):
 # --- UNet config: owned by models/unet.py's author ---------------------------------------------------
 
 # --- VAE config: owned by models/vae.py's author -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """AutoencoderKL (SD1 / SD2 / SDXL VAE), field names as in diffusers' `AutoencoderKL` config.json.
+
+    The encoder has one level per entry of `block_out_channels`, each `layers_per_block` ResnetBlocks
+    and a stride-2 conv except the last; the decoder mirrors it with `layers_per_block + 1` ResnetBlocks
+    and a nearest x2 upsample + conv. Images are downsampled by 2 ** (levels - 1) (8 for SD).
+    """
+    in_channels: int = 3                    # image channels in
+    out_channels: int = 3                   # image channels out
+    block_out_channels: tuple[int, ...] = (64,)  # channels per level, finest first
+    layers_per_block: int = 1               # encoder ResnetBlocks per level (decoder: one more)
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True    # single-head self-attention in both mid blocks
+    use_quant_conv: bool = True             # 1x1 conv on the encoder's [mean, logvar] output
+    use_post_quant_conv: bool = True        # 1x1 conv on the latents before the decoder
+    # Latents given to / taken from the UNet are `z * scaling_factor`; encode/decode work on unscaled z.
+    scaling_factor: float = 0.18215
+    # diffusers' hint that this VAE overflows in float16; the pipeline then runs it in float32. It does not
+    # change the module's numerics.
+    force_upcast: bool = True
+
+    def __post_init__(self):
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must not be empty")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels {self.block_out_channels} must all be divisible by "
+                                 f"norm_num_groups={self.norm_num_groups}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block={self.layers_per_block} must be >= 1")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD / SDXL)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str) -> "VAEConfig":
+        """Parse a diffusers AutoencoderKL config.json dict; refuse what jaxdiff's VAE does not implement."""
+        levels = len(raw.get("block_out_channels", cls.block_out_channels))
+        # Block types are strings upstream; jaxdiff implements exactly the plain encoder / decoder blocks,
+        # one per level (diffusers indexes block_out_channels by block position, so counts must agree).
+        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            value = _freeze(raw.get(key, (block,)))
+            if value != (block,) * levels:
+                raise ConfigError(f"{source}: {key}={list(value)!r} is not supported by jaxdiff (supported: "
+                                  f"{levels} x {block!r}, one per entry of block_out_channels)")
+        return parse_config(
+            cls, raw, source=source,
+            # sample_size only sizes diffusers' tiled encode/decode, which jaxdiff does not do.
+            ignored=frozenset({"down_block_types", "up_block_types", "sample_size"}),
+            only_values={
+                "act_fn": ("silu",),
+                # SD3 / Flux latent normalisation; SD1 / SD2 / SDXL VAEs have none.
+                "shift_factor": (None,),
+                "latents_mean": (None,),
+                "latents_std": (None,),
+            })
+
+    @classmethod
+    def sd(cls) -> "VAEConfig":
+        """The SD 1.x / 2.x VAE (83.65M parameters)."""
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215)
+
+    @classmethod
+    def sdxl(cls) -> "VAEConfig":
+        """The SDXL VAE: SD's architecture, retrained, with a different latent scale."""
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025)
+
+    @classmethod
+    def tiny(cls) -> "VAEConfig":
+        """For tests only: two levels (downsample factor 2), a few thousand parameters."""
+        return cls(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
