@@ -1,0 +1,205 @@
+"""NHWC building blocks shared by the UNet and the VAE, named like diffusers' modules.
+
+Every Flax submodule name equals the diffusers attribute name (numeric children joined by `_`), so a
+diffusers state-dict key maps to a param path by rule: `resnets.0.conv1.weight` <->
+`resnets_0/conv1/kernel`. Every torch Conv2d is an `nn.Conv`, every torch Linear an `nn.Dense`.
+
+Dtypes: `dtype` is the compute dtype, `param_dtype` the storage dtype of the params. Normalisation
+statistics and the timestep sinusoids are always computed in float32 (bf16 statistics drift).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, *, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                           max_period: int = 10000) -> jax.Array:
+    """Sinusoidal timestep embedding, operation for operation as diffusers' `get_timestep_embedding`.
+
+    Args:
+      timesteps: [N] int or float timesteps (fractional allowed).
+      embedding_dim: output width; odd widths get one zero column appended, as diffusers.
+      flip_sin_to_cos: output `[cos, sin]` instead of `[sin, cos]` (the UNets use True).
+      downscale_freq_shift: frequency i is `exp(-log(max_period) * i / (half - shift))`.
+      scale: multiplies the angles.
+      max_period: the longest period.
+
+    Returns:
+      [N, embedding_dim] float32.
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D, got shape {timesteps.shape}")
+    half = embedding_dim // 2
+    # Same op order as diffusers in float32: (-log(P) * arange) / (half - shift), then exp.
+    exponent = jnp.float32(-math.log(max_period)) * jnp.arange(half, dtype=jnp.float32)
+    exponent = exponent / jnp.float32(half - downscale_freq_shift)
+    freqs = jnp.exp(exponent)                                          # [half]
+    angles = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]   # [N, half]
+    angles = jnp.float32(scale) * angles
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' TimestepEmbedding: `linear_2(silu(linear_1(x)))`. [B, Cin] -> [B, time_embed_dim]."""
+    time_embed_dim: int
+    out_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+        x = nn.silu(x)
+        return nn.Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="linear_2")(x)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over NHWC (or [B, L, C]) tensors, statistics in float32.
+
+    Channels are split into `num_groups` contiguous groups, as torch does on NCHW, so a converted
+    torch GroupNorm weight applies unchanged. Variance is the biased E[(x - mean)^2] like torch.
+    Params: `scale` [C], `bias` [C]. Output has dtype `dtype`.
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + jnp.float32(self.epsilon))).reshape(shape)
+        bshape = (1,) * (len(shape) - 1) + (c,)
+        y = y * scale.astype(jnp.float32).reshape(bshape) + bias.astype(jnp.float32).reshape(bshape)
+        return y.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, name: str, dtype, param_dtype, *, stride: int = 1,
+          padding=None, use_bias: bool = True) -> nn.Conv:
+    """A torch-style Conv2d: symmetric padding kernel//2 unless given, cross-correlation, NHWC."""
+    if padding is None:
+        padding = kernel // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D with time_embedding_norm="default" (the SD UNet and VAE block).
+
+    out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))) / scale
+
+    Submodules: norm1, conv1, time_emb_proj (only when `temb` is given), norm2, conv2, and
+    conv_shortcut (1x1, only when in and out channels differ, or `use_in_shortcut=True`).
+    Dropout is not modelled: SD inference and fine-tuning run with dropout 0.
+
+    Attributes:
+      out_channels: output channels; None keeps the input's.
+      groups: GroupNorm groups for both norms.
+      eps: GroupNorm epsilon (UNet 1e-5, VAE 1e-6 in the stock configs).
+      output_scale_factor: the residual sum is divided by it (UNet mid block `mid_block_scale_factor`).
+      use_in_shortcut: force (True) or forbid (False) conv_shortcut; None = when channels change.
+    """
+    out_channels: Optional[int] = None
+    groups: int = 32
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    use_in_shortcut: Optional[bool] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, H, W, Cin]; temb: [B, T] or None (the VAE has no time embedding). -> [B, H, W, Cout]."""
+        cin = x.shape[-1]
+        cout = self.out_channels or cin
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+        h = _conv(cout, 3, "conv1", **kw)(nn.silu(h))
+        if temb is not None:
+            t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb))   # [B, Cout]
+            h = h + t[:, None, None, :].astype(h.dtype)
+        h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+        h = _conv(cout, 3, "conv2", **kw)(nn.silu(h))
+        use_shortcut = cin != cout if self.use_in_shortcut is None else self.use_in_shortcut
+        shortcut = _conv(cout, 1, "conv_shortcut", **kw)(x) if use_shortcut else x.astype(h.dtype)
+        out = shortcut + h
+        if self.output_scale_factor != 1.0:
+            out = out / jnp.asarray(self.output_scale_factor, out.dtype)
+        return out
+
+
+class Downsample2D(nn.Module):
+    """diffusers' Downsample2D(use_conv=True): a stride-2 3x3 conv named `conv`.
+
+    Attributes:
+      out_channels: None keeps the input's channels.
+      padding: 1 (UNet) pads 1 on every side; 0 (VAE encoder) pads (0, 1, 0, 1) — right and bottom
+        only — then convolves unpadded, exactly as diffusers does for padding=0.
+    """
+    out_channels: Optional[int] = None
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), Cout] (padding=1)."""
+        cout = self.out_channels or x.shape[-1]
+        if self.padding == 0:
+            pad = ((0, 1), (0, 1))   # asymmetric: bottom/right only
+        else:
+            pad = ((self.padding, self.padding), (self.padding, self.padding))
+        return _conv(cout, 3, "conv", self.dtype, self.param_dtype, stride=2, padding=pad)(x)
+
+
+def upsample_nearest(x: jax.Array, size: Optional[Sequence[int]] = None) -> jax.Array:
+    """torch F.interpolate(mode="nearest") on NHWC: x2, or to `size` = (H_out, W_out).
+
+    torch picks source index floor(dst * in / out) per axis; for x2 that is a plain repeat.
+    """
+    b, h, w, c = x.shape
+    if size is None:
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    ho, wo = size
+    # torch computes the scale in float32 as in/out, then floor(dst * scale), clamped to in-1.
+    iy = jnp.minimum(jnp.floor(jnp.arange(ho, dtype=jnp.float32) * jnp.float32(h / ho)).astype(jnp.int32), h - 1)
+    ix = jnp.minimum(jnp.floor(jnp.arange(wo, dtype=jnp.float32) * jnp.float32(w / wo)).astype(jnp.int32), w - 1)
+    return x[:, iy][:, :, ix]
+
+
+class Upsample2D(nn.Module):
+    """diffusers' Upsample2D(use_conv=True): nearest x2 (or to `output_size`), then a 3x3 conv `conv`."""
+    out_channels: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_size: Optional[Sequence[int]] = None) -> jax.Array:
+        """x: [B, H, W, C] -> [B, 2H, 2W, Cout] (or [B, *output_size, Cout])."""
+        cout = self.out_channels or x.shape[-1]
+        x = upsample_nearest(x, output_size)
+        return _conv(cout, 3, "conv", self.dtype, self.param_dtype)(x)
