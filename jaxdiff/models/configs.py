@@ -69,6 +69,108 @@ def _freeze(value):
 
 # --- CLIP text encoder config: owned by models/clip.py's author -------------------------------------
 
+# transformers' architectures for a CLIP text encoder -> whether it has `text_projection`.
+_CLIP_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
+# Keys that do not change an encoder forward pass: dropout (off at inference), initializers (random
+# init only), and generic PretrainedConfig keys older transformers wrote into text_config dicts
+# (generation, labels, export flags).
+_CLIP_IGNORED = frozenset({
+    "dropout", "attention_dropout", "initializer_range", "initializer_factor",
+    "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward", "cross_attention_hidden_size",
+    "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping",
+    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "finetuning_task",
+    "forced_bos_token_id", "forced_eos_token_id", "id2label", "label2id", "length_penalty", "max_length",
+    "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
+    "output_scores", "prefix", "problem_type", "remove_invalid_values", "repetition_penalty",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
+    "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p",
+    "torchscript", "typical_p", "use_bfloat16", "gradient_checkpointing",
+})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CLIPTextConfig:
+    """CLIP text transformer (SD1 CLIP-L, SD2 OpenCLIP-H, SDXL OpenCLIP-bigG), keys as transformers'
+    `CLIPTextConfig` config.json.
+
+    A pre-LayerNorm causal transformer over 77 token positions: token + learned position embeddings,
+    `num_hidden_layers` blocks of (LayerNorm, self-attention, LayerNorm, MLP), a final LayerNorm, and
+    the pooled output read at the end-of-text token, optionally projected by `text_projection`.
+    """
+    vocab_size: int = 49408
+    hidden_size: int = 512                  # D, the width of every hidden state
+    intermediate_size: int = 2048           # MLP hidden width
+    projection_dim: int = 512               # text_projection output width (used only with_projection)
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77       # token positions; input_ids may be at most this long
+    hidden_act: str = "quick_gelu"          # "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2/SDXL)
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    # Selects the pooling rule: 2 (configs written before transformers PR #24773, which includes every
+    # SD1 / SD2 / SDXL release) pools at argmax(input_ids), the highest id being <|endoftext|> 49407;
+    # any other value pools at the first position holding eos_token_id.
+    eos_token_id: int = 49407
+    with_projection: bool = False           # CLIPTextModelWithProjection: pooled @ text_projection
+
+    def __post_init__(self):
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (quick_gelu, gelu)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str) -> "CLIPTextConfig":
+        """Parse a transformers CLIPTextModel / CLIPTextModelWithProjection config.json dict.
+
+        `architectures` (metadata to parse_config) decides whether the model has `text_projection`.
+        """
+        archs = _freeze(raw.get("architectures") or ("CLIPTextModel",))
+        unknown = [a for a in archs if a not in _CLIP_ARCHITECTURES]
+        if unknown or len(archs) != 1:
+            raise ConfigError(f"{source}: architectures={list(archs)!r} is not a CLIP text encoder jaxdiff "
+                              f"implements (one of {', '.join(_CLIP_ARCHITECTURES)})")
+        if "with_projection" in raw:  # a jaxdiff field, never an upstream key
+            raise ConfigError(f"{source}: unknown config key 'with_projection'")
+        config = parse_config(
+            cls, raw, source=source,
+            ignored=_CLIP_IGNORED,
+            only_values={"hidden_act": ("quick_gelu", "gelu"), "model_type": ("clip_text_model",),
+                         # Options that would change the graph; CLIP text encoders never set them.
+                         "pruned_heads": ({},), "is_decoder": (False,), "add_cross_attention": (False,)})
+        return dataclasses.replace(config, with_projection=_CLIP_ARCHITECTURES[archs[0]])
+
+    @classmethod
+    def clip_l(cls) -> "CLIPTextConfig":
+        """OpenAI CLIP ViT-L/14 text encoder, SD 1.x (123.06M parameters)."""
+        return cls(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                   num_attention_heads=12, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2)
+
+    @classmethod
+    def openclip_h(cls) -> "CLIPTextConfig":
+        """OpenCLIP ViT-H/14 text encoder, SD 2.x, as diffusers ships it: the last of its 24 layers is
+        dropped because SD2 conditions on the penultimate one (340.39M parameters)."""
+        return cls(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+                   num_attention_heads=16, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+
+    @classmethod
+    def openclip_bigg(cls) -> "CLIPTextConfig":
+        """OpenCLIP ViT-bigG/14 text encoder with projection, SDXL's text_encoder_2 (694.66M parameters)."""
+        return cls(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                   num_attention_heads=20, hidden_act="gelu", bos_token_id=0, eos_token_id=2,
+                   with_projection=True)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "CLIPTextConfig":
+        """For tests and the demo model: 2 layers of width 32 over the full CLIP vocabulary, so the real
+        tokenizer's ids fit. `overrides` replace fields (e.g. with_projection=True)."""
+        return dataclasses.replace(
+            cls(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                num_attention_heads=4, hidden_act="gelu"), **overrides)
+
+
 # --- UNet config: owned by models/unet.py's author ---------------------------------------------------
 
 # --- VAE config: owned by models/vae.py's author -----------------------------------------------------
