@@ -173,6 +173,215 @@ class CLIPTextConfig:
 
 # --- UNet config: owned by models/unet.py's author ---------------------------------------------------
 
+_UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _per_level(value, levels: int, name: str) -> tuple:
+    """An int (same at every level) or one entry per level -> tuple of `levels` entries."""
+    if isinstance(value, tuple):
+        if len(value) != levels:
+            raise ValueError(f"{name}={value!r} needs one entry per level ({levels})")
+        return value
+    return (value,) * levels
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """UNet2DConditionModel (SD1 / SD2 / SDXL / SDXL refiner / inpainting), fields as in diffusers' config.json.
+
+    Block types are diffusers' strings so a config.json round-trips unchanged; only the cross-attention
+    and plain resnet blocks exist (`has_cross_attention_down/up` give the semantic view). Per-level
+    fields take an int or one value per level, like diffusers.
+
+    Heads: diffusers' `attention_head_dim` is really the NUMBER of heads per level (its config misnames
+    it; see diffusers issue 2011): heads = num_attention_heads or attention_head_dim, and head width =
+    channels // heads. `heads_per_level` resolves that; up blocks use the levels reversed.
+
+    Implemented embeddings: sinusoidal timestep (`flip_sin_to_cos`, `freq_shift`) -> time_embedding;
+    `class_embed_type` None (with `num_class_embeds`: a learnt class table), "timestep", "identity",
+    "projection", "simple_projection" (labels come in `added_cond["class_labels"]`);
+    `addition_embed_type` "text_time" (SDXL: pooled text + sinusoidal embedding of the 6 or 5 time ids).
+    """
+    sample_size: int | None = None              # default latent side (64 SD1, 96 SD2-768, 128 SDXL); metadata
+    in_channels: int = 4                           # 9 for inpainting (latents + mask + masked-image latents)
+    out_channels: int = 4
+    center_input_sample: bool = False              # sample -> 2 * sample - 1 before conv_in
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"   # None: no mid block
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2      # resnets per down level (up levels: one more)
+    downsample_padding: int = 1                    # 0 = diffusers' asymmetric (0, 1, 0, 1) pad
+    mid_block_scale_factor: float = 1.0            # mid-block resnets divide their residual sum by it
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280   # context width (768 SD1, 1024 SD2, 2048 SDXL)
+    transformer_layers_per_block: int | tuple[int, ...] = 1   # BasicTransformerBlocks per Transformer2D
+    attention_head_dim: int | tuple[int, ...] = 8    # = heads per level (diffusers' misnomer, above)
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False            # proj_in/out as Linear (SD2, SDXL) instead of 1x1 conv
+    upcast_attention: bool | None = False       # scores + softmax in float32 (SD2.1); null = False
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    addition_embed_type: str | None = None      # None or "text_time"
+    addition_time_embed_dim: int | None = None  # per time-id sinusoid width (256 SDXL)
+    projection_class_embeddings_input_dim: int | None = None   # 2816 SDXL, 2560 refiner
+    time_embedding_dim: int | None = None       # None: 4 * block_out_channels[0]
+    mid_block_only_cross_attention: bool | None = None   # only False / None implemented
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        if levels < 1:
+            raise ValueError("block_out_channels must not be empty")
+        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
+            raise ValueError(f"down_block_types {self.down_block_types} and up_block_types "
+                             f"{self.up_block_types} need one entry per level ({levels})")
+        for kinds, allowed in ((self.down_block_types, _UNET_DOWN_BLOCKS), (self.up_block_types, _UNET_UP_BLOCKS)):
+            for kind in kinds:
+                if kind not in allowed:
+                    raise ValueError(f"block type {kind!r} is not implemented (implemented: {allowed})")
+        if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
+            raise ValueError(f"mid_block_type={self.mid_block_type!r} is not implemented")
+        for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                     "attention_head_dim", "num_attention_heads"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                _per_level(value, levels, name)
+                if name == "transformer_layers_per_block" and any(isinstance(v, tuple) for v in value):
+                    raise ValueError("per-resnet transformer_layers_per_block (asymmetric UNets) is not implemented")
+        for level, (c, h) in enumerate(zip(self.block_out_channels, self.heads_per_level)):
+            if c % self.norm_num_groups:
+                raise ValueError(f"block_out_channels[{level}]={c} is not divisible by norm_num_groups")
+            if c % h:
+                raise ValueError(f"block_out_channels[{level}]={c} does not split into {h} heads")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not implemented")
+        if self.addition_embed_type == "text_time" and (
+                self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None):
+            raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
+        if self.class_embed_type not in (None, "timestep", "identity", "projection", "simple_projection"):
+            raise ValueError(f"class_embed_type={self.class_embed_type!r} is not implemented")
+        if self.class_embed_type in ("projection", "simple_projection") and (
+                self.projection_class_embeddings_input_dim is None):
+            raise ValueError(f"class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim")
+        if self.mid_block_only_cross_attention:
+            raise ValueError("mid_block_only_cross_attention=True is not implemented")
+
+    # --- resolved per-level views (down-block order; up blocks read them reversed) ---
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def heads_per_level(self) -> tuple[int, ...]:
+        """Attention heads per level, resolved exactly as diffusers does (see the class docstring)."""
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return _per_level(heads, self.levels, "attention heads")
+
+    @property
+    def layers_per_level(self) -> tuple[int, ...]:
+        return _per_level(self.layers_per_block, self.levels, "layers_per_block")
+
+    @property
+    def transformer_layers_per_level(self) -> tuple[int, ...]:
+        return _per_level(self.transformer_layers_per_block, self.levels, "transformer_layers_per_block")
+
+    @property
+    def cross_attention_dims(self) -> tuple[int, ...]:
+        return _per_level(self.cross_attention_dim, self.levels, "cross_attention_dim")
+
+    @property
+    def has_cross_attention_down(self) -> tuple[bool, ...]:
+        return tuple(t == "CrossAttnDownBlock2D" for t in self.down_block_types)
+
+    @property
+    def has_cross_attention_up(self) -> tuple[bool, ...]:
+        return tuple(t == "CrossAttnUpBlock2D" for t in self.up_block_types)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str) -> "UNetConfig":
+        """Parse a diffusers UNet2DConditionModel config.json dict; refuse what jaxdiff does not implement."""
+        return parse_config(
+            cls, raw, source=source,
+            # Numerics-free here: the head count of the "text" addition embedding, which is refused.
+            ignored=frozenset({"addition_embed_type_num_heads"}),
+            only_values={
+                "act_fn": ("silu", "swish"),
+                # Dropout only acts in training; the SD checkpoints are trained and shipped with 0.
+                "dropout": (0.0, 0),
+                "only_cross_attention": (False, (False,) * len(raw.get("block_out_channels", (0,) * 4))),
+                "dual_cross_attention": (False,),
+                "resnet_time_scale_shift": ("default",),
+                "resnet_skip_time_act": (False,),
+                "resnet_out_scale_factor": (1.0, 1),
+                "time_embedding_type": ("positional",),
+                "time_embedding_act_fn": (None,),
+                "timestep_post_act": (None,),
+                "time_cond_proj_dim": (None,),
+                "conv_in_kernel": (3,),
+                "conv_out_kernel": (3,),
+                "attention_type": ("default",),
+                "class_embeddings_concat": (False,),
+                "cross_attention_norm": (None,),
+                "encoder_hid_dim": (None,),
+                "encoder_hid_dim_type": (None,),
+                "reverse_transformer_layers_per_block": (None,),
+                "mid_block_only_cross_attention": (None, False),
+                "addition_embed_type": (None, "text_time"),
+                "class_embed_type": (None, "timestep", "identity", "projection", "simple_projection"),
+                "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+            })
+
+    @classmethod
+    def sd15(cls) -> "UNetConfig":
+        """Stable Diffusion 1.x (859.52M): 4 levels, 8 heads, 1x1-conv projections, CLIP-L context 768."""
+        return cls(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+    @classmethod
+    def sd21(cls) -> "UNetConfig":
+        """Stable Diffusion 2.1 768-v (865.91M): heads 5/10/20/20 of width 64, linear projections,
+        float32 attention scores, OpenCLIP-H context 1024."""
+        return cls(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                   use_linear_projection=True, upcast_attention=True)
+
+    @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """SDXL base (2567.46M): 3 levels, 1/2/10 transformer layers, context 2048, text_time embedding."""
+        return cls(sample_size=128, block_out_channels=(320, 640, 1280),
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                   cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "UNetConfig":
+        """SDXL refiner: 4 levels of 384..1536, 4 transformer layers, OpenCLIP-bigG context 1280 only,
+        time ids carry an aesthetic score instead of the target size (5 ids: 1280 + 5 * 256 = 2560)."""
+        return cls(sample_size=128, block_out_channels=(384, 768, 1536, 1536),
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+                   cross_attention_dim=1280, use_linear_projection=True, addition_embed_type="text_time",
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """For tests and the demo only: SD1-shaped, 2 levels of 32/64 channels, 0.79M params."""
+        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                   attention_head_dim=2, cross_attention_dim=32)
+
+
 # --- VAE config: owned by models/vae.py's author -----------------------------------------------------
 
 

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.attention import attention
+
 Dtype = jnp.dtype
 
 
@@ -96,7 +98,7 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, name: str, dtype, param_dtype, *, stride: int = 1,
+def conv2d(features: int, kernel: int, name: str, dtype, param_dtype, *, stride: int = 1,
           padding=None, use_bias: bool = True) -> nn.Conv:
     """A torch-style Conv2d: symmetric padding kernel//2 unless given, cross-correlation, NHWC."""
     if padding is None:
@@ -138,14 +140,14 @@ class ResnetBlock2D(nn.Module):
         cout = self.out_channels or cin
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
-        h = _conv(cout, 3, "conv1", **kw)(nn.silu(h))
+        h = conv2d(cout, 3, "conv1", **kw)(nn.silu(h))
         if temb is not None:
             t = nn.Dense(cout, name="time_emb_proj", **kw)(nn.silu(temb))   # [B, Cout]
             h = h + t[:, None, None, :].astype(h.dtype)
         h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
-        h = _conv(cout, 3, "conv2", **kw)(nn.silu(h))
+        h = conv2d(cout, 3, "conv2", **kw)(nn.silu(h))
         use_shortcut = cin != cout if self.use_in_shortcut is None else self.use_in_shortcut
-        shortcut = _conv(cout, 1, "conv_shortcut", **kw)(x) if use_shortcut else x.astype(h.dtype)
+        shortcut = conv2d(cout, 1, "conv_shortcut", **kw)(x) if use_shortcut else x.astype(h.dtype)
         out = shortcut + h
         if self.output_scale_factor != 1.0:
             out = out / jnp.asarray(self.output_scale_factor, out.dtype)
@@ -173,7 +175,7 @@ class Downsample2D(nn.Module):
             pad = ((0, 1), (0, 1))   # asymmetric: bottom/right only
         else:
             pad = ((self.padding, self.padding), (self.padding, self.padding))
-        return _conv(cout, 3, "conv", self.dtype, self.param_dtype, stride=2, padding=pad)(x)
+        return conv2d(cout, 3, "conv", self.dtype, self.param_dtype, stride=2, padding=pad)(x)
 
 
 def upsample_nearest(x: jax.Array, size: Optional[Sequence[int]] = None) -> jax.Array:
@@ -182,7 +184,7 @@ def upsample_nearest(x: jax.Array, size: Optional[Sequence[int]] = None) -> jax.
     torch picks source index floor(dst * in / out) per axis; for x2 that is a plain repeat.
     """
     b, h, w, c = x.shape
-    if size is None:
+    if size is None or tuple(size) == (2 * h, 2 * w):
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     ho, wo = size
     # torch computes the scale in float32 as in/out, then floor(dst * scale), clamped to in-1.
@@ -202,4 +204,120 @@ class Upsample2D(nn.Module):
         """x: [B, H, W, C] -> [B, 2H, 2W, Cout] (or [B, *output_size, Cout])."""
         cout = self.out_channels or x.shape[-1]
         x = upsample_nearest(x, output_size)
-        return _conv(cout, 3, "conv", self.dtype, self.param_dtype)(x)
+        return conv2d(cout, 3, "conv", self.dtype, self.param_dtype)(x)
+
+
+# --- Transformer2DModel (the UNet's spatial transformer) ---------------------------------------------
+
+class Attention(nn.Module):
+    """diffusers' Attention as the SD UNets use it: to_q / to_k / to_v without bias, to_out_0 with bias.
+
+    Self-attention when `context` is None, cross-attention otherwise. [B, L, C] -> [B, L, C].
+    """
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    implementation: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        """x: [B, L, C]; context: [B, S, D] or None -> [B, L, C]."""
+        inner = self.heads * self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x if context is None else context
+        q = nn.Dense(inner, use_bias=False, name="to_q", **kw)(x)
+        k = nn.Dense(inner, use_bias=False, name="to_k", **kw)(context)
+        v = nn.Dense(inner, use_bias=False, name="to_v", **kw)(context)
+        out = attention(q, k, v, heads=self.heads, upcast=self.upcast, implementation=self.implementation)
+        return nn.Dense(x.shape[-1], name="to_out_0", **kw)(out)
+
+
+class GEGLU(nn.Module):
+    """`proj` to 2 * inner, then value * gelu(gate) with the exact (erf) GELU, as diffusers' GEGLU."""
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(2 * self.inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (layer_norm type, GEGLU feed-forward, mult 4):
+
+    x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+    """
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    implementation: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: [B, L, C]; context: [B, S, D] -> [B, L, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast,
+                    implementation=self.implementation, **kw)
+        # torch LayerNorm: eps 1e-5, biased variance computed as E[(x - mean)^2].
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
+        x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
+        x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
+        h = norm("norm3")(x)
+        ff = FeedForward(name="ff", **kw)
+        return x + ff(h)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward(activation_fn="geglu"): `net_0` GEGLU to 4 * C, `net_2` Dense back to C."""
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+        return nn.Dense(x.shape[-1], name="net_2", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' Transformer2DModel on continuous NHWC input, as the SD UNets use it.
+
+    GroupNorm (eps 1e-6) -> proj_in (1x1 conv, or Dense when `use_linear_projection`) -> `num_layers`
+    BasicTransformerBlocks over the H*W tokens -> proj_out -> + input. Head width = C // heads.
+    """
+    heads: int
+    num_layers: int = 1
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    upcast: bool = False
+    implementation: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: [B, H, W, C]; context: [B, S, D] -> [B, H, W, C]."""
+        b, hgt, wid, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        # A 1x1 conv and a Dense are the same map; which one it is decides the checkpoint's weight shape.
+        if self.use_linear_projection:
+            h = nn.Dense(c, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+        else:
+            h = conv2d(c, 1, "proj_in", **kw)(h).reshape(b, hgt * wid, c)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(self.heads, c // self.heads, self.upcast, self.implementation,
+                                      name=f"transformer_blocks_{i}", **kw)(h, context)
+        if self.use_linear_projection:
+            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
+        else:
+            h = conv2d(c, 1, "proj_out", **kw)(h.reshape(b, hgt, wid, c))
+        return h + x.astype(h.dtype)
