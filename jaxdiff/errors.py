@@ -6,3 +6,7 @@ from convert.errors import CheckpointError, JaxdiffError  # noqa: F401  (the roo
 
 class ConfigError(JaxdiffError):
     """A config asks for something jaxdiff does not implement, or is malformed."""
+
+
+class SamplerError(JaxdiffError):
+    """An unknown sampler or schedule, an impossible combination, or bad steps / strength."""

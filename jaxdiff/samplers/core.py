@@ -1,0 +1,295 @@
+"""The sampler driver: Plan (host tables), the registry with its aliases, make_plan and the one-scan `sample`.
+
+A sampler is two functions registered under a canonical name:
+
+* `build(cfg, steps, schedule, start, options) -> Tables` runs on the host in numpy float64. It returns
+  per-EVALUATION tables (one row per model call, K rows = NFE), already sliced for img2img (`start` is the
+  first step, diffusers' t_start). Every builder provides the driver's columns:
+    "t"         [K] the timestep the UNet sees,
+    "c_in"      [K] input scale (x_in = c_in * x; 1/sqrt(sigma^2+1) in sigma space, 1 in VP space),
+    "inpaint_a", "inpaint_b" [K] the known region after evaluation k is inpaint_a * image + inpaint_b * noise
+                (diffusers' add_noise to the next evaluation's level; 1, 0 after the last),
+  plus its own coefficient columns.
+* `body(x, out, hist, tab, noise) -> (x, hist)` is traced once inside `lax.scan`: x [B, h, w, C] the
+  current sample, out the raw model output at this evaluation, hist the sampler's history pytree (built
+  by `init(x_T)`), tab this evaluation's row of every table (scalars), noise [B, h, w, C] (zeros for
+  deterministic samplers). Bodies are branch-free: warm-up, final-step and phase rules live in the tables.
+
+Tables are jit ARGUMENTS, so karras / normal / AYS schedules of the same length share one executable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.errors import SamplerError
+from jaxdiff.schedules import SCHEDULES, SchedulerConfig
+
+
+@flax.struct.dataclass
+class Plan:
+    """One sampling run's tables; a pytree whose leaves are float32 arrays (jit arguments).
+
+    Attributes:
+      tables: name -> float32 [K, ...] per-evaluation table; K = scan length = number of model calls.
+      init_noise_sigma: float32 [] txt2img x_T = noise * init_noise_sigma.
+      img2img: float32 [2] (a, b): img2img x_T = a * image_latents + b * noise (diffusers' add_noise at the
+        first kept timestep).
+      kind: canonical sampler name (static: selects the scan body).
+      prediction_type: what the model returns: "epsilon" | "v_prediction" | "sample" (static).
+    """
+
+    tables: dict[str, jax.Array]
+    init_noise_sigma: jax.Array
+    img2img: jax.Array
+    kind: str = flax.struct.field(pytree_node=False)
+    prediction_type: str = flax.struct.field(pytree_node=False)
+
+    @property
+    def nfe(self) -> int:
+        """Number of model evaluations (the scan length)."""
+        return int(self.tables["t"].shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Tables:
+    """What a builder returns (host, float64): per-evaluation tables and the two starting rules."""
+
+    tables: dict[str, np.ndarray]  # name -> [K, ...]
+    init_noise_sigma: float
+    img2img: tuple[float, float]  # (a, b): x_T = a * image + b * noise
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler."""
+
+    name: str
+    build: Callable[..., Tables]  # (cfg, steps, schedule, start, options) -> Tables
+    body: Callable  # (x, out, hist, tab, noise) -> (x, hist)
+    init: Callable  # x_T -> hist pytree
+    stochastic: bool  # whether the body consumes noise (deterministic ones skip drawing it)
+    order: int  # diffusers' scheduler.order (img2img slices timesteps[t_start * order:])
+    options: tuple[str, ...]  # accepted make_plan **options
+
+
+_REGISTRY: dict[str, SamplerSpec] = {}
+_ALIASES: dict[str, tuple[str, str | None]] = {}  # lower-cased alias -> (canonical, implied schedule)
+
+# A1111 "Schedule type" and ComfyUI scheduler names -> ours. None: the sampler's / checkpoint's default.
+_SCHEDULE_ALIASES = {
+    "automatic": None, "uniform": "normal", "karras": "karras", "exponential": "exponential",
+    "sgm uniform": "sgm_uniform", "align your steps": "ays", "align_your_steps": "ays", "simple": "simple",
+    "normal": "normal", "ddim": "ddim_uniform", "beta": "beta", "default": "default",
+}
+_SCHEDULE_SUFFIXES = (" karras", " exponential")  # A1111 legacy display names: "DPM++ 2M Karras"
+
+
+def _no_history(x):
+    return ()
+
+
+def register(name: str, *, build, body, init=_no_history, stochastic: bool = False, order: int = 1,
+             options: tuple[str, ...] = (), aliases: tuple = ()) -> None:
+    """Add a sampler. `aliases` are names or (name, implied_schedule) pairs; matching is case-insensitive."""
+    if name in _REGISTRY:
+        raise ValueError(f"sampler {name!r} registered twice")
+    _REGISTRY[name] = SamplerSpec(name, build, body, init, stochastic, order, tuple(options))
+    for alias in (name,) + tuple(aliases):
+        alias, implied = alias if isinstance(alias, tuple) else (alias, None)
+        _ALIASES[alias.lower()] = (name, implied)
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Canonical names in registration order."""
+    return tuple(_REGISTRY)
+
+
+def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] | None = None
+            ) -> tuple[str, str | None]:
+    """Map any accepted sampler name (+ schedule) to (canonical name, schedule name or None).
+
+    Accepts canonical / ComfyUI `sampler_name`s, A1111 display names ("DPM++ 2M Karras", "Euler a"),
+    diffusers class names ("EulerDiscreteScheduler"; DPMSolverMultistepScheduler picks dpmpp_2m or
+    dpmpp_2m_sde from options["algorithm_type"]) and schedule names in A1111 or ComfyUI spelling.
+
+    Raises:
+      SamplerError: unknown name or schedule (the message lists the valid ones), or a display name that
+        implies one schedule while `schedule` asks for another.
+    """
+    if not isinstance(name, str):
+        raise SamplerError(f"sampler name must be a string, got {name!r}")
+    key = name.strip().lower()
+    implied = None
+    if key not in _ALIASES:
+        for suffix in _SCHEDULE_SUFFIXES:
+            if key.endswith(suffix) and key[: -len(suffix)] in _ALIASES:
+                key, implied = key[: -len(suffix)], suffix.strip()
+                break
+    if key not in _ALIASES:
+        raise SamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())} "
+                           f"(A1111 display names, ComfyUI names and diffusers class names also work)")
+    canonical, alias_schedule = _ALIASES[key]
+    if key == "dpmsolvermultistepscheduler" and (options or {}).get("algorithm_type") == "sde-dpmsolver++":
+        canonical = "dpmpp_2m_sde"
+    implied = implied or alias_schedule
+    if schedule is not None:
+        skey = schedule.strip().lower()
+        if skey in _SCHEDULE_ALIASES:
+            schedule = _SCHEDULE_ALIASES[skey]
+        elif skey not in SCHEDULES:
+            raise SamplerError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        else:
+            schedule = skey
+    if implied is not None and schedule is not None and schedule != implied:
+        raise SamplerError(f"sampler {name!r} implies schedule {implied!r}, but schedule={schedule!r} was given")
+    return canonical, schedule if schedule is not None else implied
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """diffusers' img2img get_timesteps: the first step kept (t_start) for `strength`."""
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise SamplerError(f"strength must be in (0, 1], got {strength!r}")
+    init_timestep = min(int(steps * strength), steps)
+    if init_timestep < 1:
+        raise SamplerError(f"strength={strength} with steps={steps} leaves no denoising step "
+                           f"(int(steps * strength) = 0); raise steps or strength")
+    return max(steps - init_timestep, 0)
+
+
+def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *, schedule: str | None = None,
+              strength: float = 1.0, **options) -> Plan:
+    """Build the host tables for one run.
+
+    Args:
+      sampler: any registered name or alias (see `resolve`).
+      steps: number of sampler steps (>= 1); the number of model calls is `plan.nfe`.
+      config: the model's training schedule (default: stock SD).
+      schedule: None (the checkpoint scheduler's own), or one of jaxdiff.schedules.SCHEDULES (A1111 and
+        ComfyUI spellings accepted).
+      strength: img2img strength in (0, 1]; < 1 starts part-way exactly as diffusers' img2img pipelines.
+      **options: sampler knobs (eta, s_noise, ...); each sampler lists what it accepts.
+    """
+    config = config or SchedulerConfig()
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise SamplerError(f"steps must be an integer >= 1, got {steps!r}")
+    name, schedule = resolve(sampler, schedule, options)
+    spec = _REGISTRY[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise SamplerError(f"sampler {name!r} does not take option(s) {', '.join(unknown)} "
+                           f"(it takes: {', '.join(spec.options) or 'none'})")
+    start = img2img_start(int(steps), strength) if strength != 1.0 else 0
+    built = spec.build(config, int(steps), schedule, start, dict(options))
+    tables = {k: jnp.asarray(np.asarray(v, dtype=np.float64), dtype=jnp.float32) for k, v in built.tables.items()}
+    for col in ("t", "c_in", "inpaint_a", "inpaint_b"):
+        if col not in tables:
+            raise AssertionError(f"builder of {name!r} did not provide table {col!r}")
+    return Plan(tables=tables, init_noise_sigma=jnp.asarray(built.init_noise_sigma, jnp.float32),
+                img2img=jnp.asarray(built.img2img, jnp.float32), kind=name,
+                prediction_type=config.prediction_type)
+
+
+def initial_latents(plan: Plan, noise: jax.Array, image_latents: jax.Array | None = None) -> jax.Array:
+    """x_T: txt2img noise * init_noise_sigma; img2img add_noise(image_latents, noise, first timestep).
+
+    Args:
+      noise: [B, h, w, C] unit Gaussian noise.
+      image_latents: [B, h, w, C] scaled VAE latents of the init image (img2img / inpaint), or None.
+    """
+    if image_latents is None:
+        return noise * plan.init_noise_sigma
+    return plan.img2img[0] * image_latents + plan.img2img[1] * noise
+
+
+def step_noise(key: jax.Array, sample_index: jax.Array, k: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[B, *shape] standard normal noise for evaluation k: row i uses fold_in(fold_in(key, i), k), so a
+    sample's noise depends on its index in the request, never on the batch size or sharding."""
+    def row(i):
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), k), shape, jnp.float32)
+    return jax.vmap(row)(sample_index)
+
+
+def sample(model_fn: Callable, x_T: jax.Array, plan: Plan, key: jax.Array | None = None, *,
+           noises: jax.Array | None = None, inpaint: tuple | None = None, sample_index: jax.Array | None = None,
+           progress: Callable[[Any], None] | None = None) -> jax.Array:
+    """Run the sampler: one `lax.scan` over the plan's K model evaluations.
+
+    Args:
+      model_fn: (x_in [B, h, w, C] f32, t f32 []) -> raw model output of plan.prediction_type, CFG
+        already applied. x_in is scaled as diffusers' scale_model_input scales it; t is the diffusers value.
+      x_T: [B, h, w, C] float32 starting latents (see `initial_latents`).
+      plan: from `make_plan`.
+      key: per-request PRNG key (needed by stochastic samplers unless `noises` is given).
+      noises: [K, B, h, w, C] noise to use at each evaluation instead of drawing it (tests).
+      inpaint: (image_latents [B, h, w, C], mask [B, h, w, 1] with 1 = repaint, noise [B, h, w, C]) for
+        4-channel inpainting: after every evaluation the known region is reset to the image noised to the
+        next evaluation's level (diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet).
+      sample_index: [B] int32 index of each row in the request (default arange(B)).
+      progress: host callback(k) after each evaluation, via jax.debug.callback.
+
+    Returns:
+      [B, h, w, C] float32 final latents.
+    """
+    spec = _REGISTRY[plan.kind]
+    x_T = jnp.asarray(x_T, jnp.float32)
+    if spec.stochastic and noises is None and key is None:
+        raise SamplerError(f"sampler {plan.kind!r} is stochastic: pass a PRNG key or noises=")
+    if sample_index is None:
+        sample_index = jnp.arange(x_T.shape[0], dtype=jnp.int32)
+    xs = {"tab": plan.tables, "k": jnp.arange(plan.nfe, dtype=jnp.int32)}
+    if noises is not None:
+        xs["noise"] = jnp.asarray(noises, jnp.float32)[: plan.nfe]
+
+    def step(carry, xs_k):
+        x, hist = carry
+        tab = xs_k["tab"]
+        out = model_fn(x * tab["c_in"], tab["t"])
+        if "noise" in xs_k:
+            noise = xs_k["noise"]
+        elif spec.stochastic:
+            noise = step_noise(key, sample_index, xs_k["k"], x.shape[1:])
+        else:
+            noise = jnp.zeros_like(x)
+        x, hist = spec.body(x, out.astype(jnp.float32), hist, tab, noise)
+        if inpaint is not None:
+            image, mask, inp_noise = inpaint
+            known = tab["inpaint_a"] * image + tab["inpaint_b"] * inp_noise
+            x = (1.0 - mask) * known + mask * x
+        if progress is not None:
+            jax.debug.callback(progress, xs_k["k"])
+        return (x, hist), None
+
+    (x, _), _ = jax.lax.scan(step, (x_T, spec.init(x_T)), xs)
+    return x
+
+
+def to_x0(x: jax.Array, out: jax.Array, tab: Mapping[str, jax.Array]) -> jax.Array:
+    """The x0 prediction from a model output: x0 = x0_x * x + x0_out * out, coefficients per evaluation
+    (the builder folds the prediction type and the space, VE or VP, into them)."""
+    return tab["x0_x"] * x + tab["x0_out"] * out
+
+
+def x0_coefficients(prediction_type: str, sigma: np.ndarray, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """Host (x0_x, x0_out) for `to_x0` at VE noise levels `sigma` [K].
+
+    space "ve": x = x0 + sigma * eps (Euler family); "vp": x = alpha x0 + sigma_vp eps with alpha =
+    1/sqrt(sigma^2+1), sigma_vp = sigma * alpha (DPM-Solver family). The formulas are diffusers'.
+    """
+    sigma = np.asarray(sigma, np.float64)
+    ones, zeros = np.ones_like(sigma), np.zeros_like(sigma)
+    if prediction_type == "sample":
+        return zeros, ones
+    if space == "ve":
+        if prediction_type == "epsilon":
+            return ones, -sigma
+        return 1.0 / (sigma ** 2 + 1), -sigma / np.sqrt(sigma ** 2 + 1)
+    alpha = 1.0 / np.sqrt(sigma ** 2 + 1)
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma  # (x - sigma_vp eps) / alpha
+    return alpha, -sigma * alpha  # alpha x - sigma_vp v

@@ -1,0 +1,310 @@
+"""Sigma-space (k-diffusion family) samplers: Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M SDE,
+DPM++ 2S a, DPM++ SDE.
+
+Tables follow diffusers' classes (EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, KDPM2Discrete,
+KDPM2AncestralDiscrete, LMSDiscrete, DPMSolverMultistep with dpmsolver++ / sde-dpmsolver++) so results match
+them; DPM++ 2S a and DPM++ SDE follow k-diffusion's sampling.py (no diffusers class without torchsde) over
+EulerDiscrete's tables.
+
+Three scan bodies cover all ten:
+* `_ve_body`: every single- and two-evaluation VE sampler is, at each model evaluation, a linear map
+    x' = ax x + as xs + cd d + cds ds + bD D + cn noise + cns ns
+  of the current sample x, the sample / derivative / noise saved at the step's first evaluation (xs, ds, ns),
+  the x0 prediction D and the derivative d = (x - D) / sigma. The host folds Euler, ancestral steps, the
+  Heun / DPM2 / 2S / SDE phases, the final Euler step and the Brownian-bridge noise into the coefficients.
+* `_lms_body`: LMS's four-derivative history with host-integrated coefficients.
+* `_dpm_body`: DPM-Solver++(2M) (and its SDE variant) in VP space: x' = ax x + b0 D + b1 D_prev + cn noise.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.errors import SamplerError
+from jaxdiff.samplers.core import Tables, register, to_x0, x0_coefficients
+from jaxdiff.schedules import SchedulerConfig, resolve_schedule, sigma_table, sigma_to_t, train_sigmas
+
+_VE_COLS = ("ax", "as", "cd", "cds", "bD", "cn", "cns", "save")
+
+
+# ------------------------------------------------------------------------------------------ the bodies
+def _ve_init(x):
+    return (jnp.zeros_like(x), jnp.zeros_like(x), jnp.zeros_like(x))  # xs, ds, ns: [B, h, w, C] each
+
+
+def _ve_body(x, out, hist, tab, noise):
+    """One evaluation of a single/two-stage sigma-space sampler (Karras et al. 2022 Alg. 1-2, k-diffusion)."""
+    xs, ds, ns = hist
+    den = to_x0(x, out, tab)
+    d = (x - den) * tab["inv_sigma"]
+    x_new = (tab["ax"] * x + tab["as"] * xs + tab["cd"] * d + tab["cds"] * ds + tab["bD"] * den
+             + tab["cn"] * noise + tab["cns"] * ns)
+    keep = 1.0 - tab["save"]  # save = 1 at a step's first evaluation: remember x, d and its noise
+    hist = (keep * xs + tab["save"] * x, keep * ds + tab["save"] * d, keep * ns + tab["save"] * noise)
+    return x_new, hist
+
+
+def _lms_init(x):
+    return jnp.zeros((3,) + x.shape, x.dtype)  # [3, B, h, w, C] the previous derivatives, newest first
+
+
+def _lms_body(x, out, hist, tab, noise):
+    """Linear multistep in sigma (k-diffusion sample_lms / diffusers LMSDiscrete): x' = x + sum_j c_j d_{i-j}."""
+    d = (x - to_x0(x, out, tab)) * tab["inv_sigma"]
+    c = tab["lms"]  # [4]
+    x_new = x + c[0] * d + c[1] * hist[0] + c[2] * hist[1] + c[3] * hist[2]
+    return x_new, jnp.concatenate([d[None], hist[:2]], axis=0)
+
+
+def _dpm_init(x):
+    return jnp.zeros_like(x)  # the previous step's x0 prediction [B, h, w, C]
+
+
+def _dpm_body(x, out, hist, tab, noise):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) and its SDE variant, diffusers' VP-space formulas."""
+    den = to_x0(x, out, tab)
+    x_new = tab["ax"] * x + tab["b0"] * den + tab["b1"] * hist + tab["cn"] * noise
+    return x_new, den
+
+
+# ------------------------------------------------------------------------------------ table helpers
+class _Rows:
+    """Accumulates per-evaluation rows of a VE table; missing coefficients are 0."""
+
+    def __init__(self, prediction_type: str):
+        self.pred = prediction_type
+        self.rows: list[dict[str, float]] = []
+
+    def add(self, t: float, sigma: float, level_next: float, **coef) -> None:
+        row = dict.fromkeys(_VE_COLS, 0.0)
+        row.update(coef)
+        x0_x, x0_out = x0_coefficients(self.pred, np.array([sigma]), "ve")
+        row.update(t=t, c_in=1.0 / math.sqrt(sigma * sigma + 1.0), inv_sigma=1.0 / sigma,
+                   x0_x=float(x0_x[0]), x0_out=float(x0_out[0]), inpaint_a=1.0, inpaint_b=level_next)
+        self.rows.append(row)
+
+    def tables(self) -> dict[str, np.ndarray]:
+        self.rows[-1]["inpaint_b"] = 0.0  # after the last evaluation the known region is the clean image
+        return {k: np.array([r[k] for r in self.rows]) for k in self.rows[0]}
+
+
+def _ancestral(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """k-diffusion get_ancestral_step: (sigma_down, sigma_up)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * math.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
+    return math.sqrt(max(sigma_to ** 2 - up ** 2, 0.0)), up
+
+
+def _table(cfg, steps, schedule, family, final=False):
+    final_sigma = cfg.default("final_sigmas_type", "zero") if final else "zero"
+    return sigma_table(cfg, steps, resolve_schedule(cfg, schedule), family=family, final_sigma=final_sigma)
+
+
+def _ve_tables(rows: _Rows, tab, start: int) -> Tables:
+    s0 = float(tab.sigmas[start])
+    return Tables(rows.tables(), tab.init_noise_sigma, (1.0, s0))
+
+
+# --------------------------------------------------------------------------------------- builders
+def _build_euler(cfg: SchedulerConfig, steps, schedule, start, options, ancestral=False):
+    tab = _table(cfg, steps, schedule, "euler", final=not ancestral)
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    for i in range(start, len(ts)):
+        if ancestral:  # Euler a: step to sigma_down, add sigma_up noise (diffusers draws even when up = 0)
+            down, up = _ancestral(s[i], s[i + 1], eta)
+            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=down - s[i], cn=up * s_noise)
+        else:
+            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+    return _ve_tables(rows, tab, start)
+
+
+def _build_euler_ancestral(cfg, steps, schedule, start, options):
+    return _build_euler(cfg, steps, schedule, start, options, ancestral=True)
+
+
+def _build_heun(cfg, steps, schedule, start, options):
+    """Heun (Karras et al. Alg. 2 without churn): 2 evaluations per step, the last step one Euler step."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    for i in range(start, len(ts)):
+        dt = s[i + 1] - s[i]
+        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=dt, save=1.0)
+        if i < len(ts) - 1:  # corrector at the next sigma: x = xs + (ds + d) / 2 * dt
+            rows.add(ts[i + 1], s[i + 1], s[i + 1], **{"as": 1.0}, cd=0.5 * dt, cds=0.5 * dt)
+    return _ve_tables(rows, tab, start)
+
+
+def _build_dpm_2(cfg, steps, schedule, start, options, ancestral=False):
+    """DPM2 (k-diffusion sample_dpm_2): midpoint in log sigma; DPM2 a steps to sigma_down and adds noise."""
+    tab = _table(cfg, steps, schedule, "kdpm2")
+    s, ts = tab.sigmas, tab.timesteps
+    log_sigmas = np.log(train_sigmas(cfg))
+    rows = _Rows(cfg.prediction_type)
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    for i in range(start, len(ts)):
+        if i == len(ts) - 1:  # last step: one Euler step to sigma 0
+            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+            continue
+        down, up = _ancestral(s[i], s[i + 1], eta) if ancestral else (s[i + 1], 0.0)
+        mid = math.exp(0.5 * (math.log(s[i]) + math.log(down)))
+        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=mid - s[i], save=1.0)
+        t_mid = float(sigma_to_t(np.array(mid), log_sigmas))
+        rows.add(t_mid, mid, s[i + 1], **{"as": 1.0}, cd=down - s[i], cn=up * s_noise)
+    return _ve_tables(rows, tab, start)
+
+
+def _build_dpm_2_ancestral(cfg, steps, schedule, start, options):
+    return _build_dpm_2(cfg, steps, schedule, start, options, ancestral=True)
+
+
+def _build_dpmpp_2s_ancestral(cfg, steps, schedule, start, options):
+    """DPM-Solver++(2S) with ancestral noise (k-diffusion sample_dpmpp_2s_ancestral), EulerDiscrete tables."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    log_sigmas = np.log(train_sigmas(cfg))
+    rows = _Rows(cfg.prediction_type)
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    for i in range(start, len(ts)):
+        down, up = _ancestral(s[i], s[i + 1], eta)
+        if down == 0.0:  # Euler step to 0 (the last step)
+            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=down - s[i])
+            continue
+        h = math.log(s[i]) - math.log(down)  # t = -log sigma
+        mid = math.exp(-(-math.log(s[i]) + 0.5 * h))
+        rows.add(ts[i], s[i], s[i + 1], ax=mid / s[i], bD=-math.expm1(-0.5 * h), save=1.0)
+        t_mid = float(sigma_to_t(np.array(mid), log_sigmas))
+        rows.add(t_mid, mid, s[i + 1], **{"as": down / s[i]}, bD=-math.expm1(-h), cn=up * s_noise)
+    return _ve_tables(rows, tab, start)
+
+
+def _build_dpmpp_sde(cfg, steps, schedule, start, options):
+    """DPM-Solver++ SDE, r = 1/2 (k-diffusion sample_dpmpp_sde), EulerDiscrete tables.
+
+    k-diffusion draws both noises of a step from one Brownian tree (time = sigma): the sub-step noise covers
+    [sigma_mid, sigma_i], the full-step one [sigma_next, sigma_i]. With independent normals z1 (drawn at the
+    first evaluation) and z2 (at the second), n1 = z1 and n2 = (sqrt(d1) z1 + sqrt(d2) z2) / sqrt(d1 + d2),
+    d1 = sigma_i - sigma_mid, d2 = sigma_mid - sigma_next: the same joint law as the tree.
+    """
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    log_sigmas = np.log(train_sigmas(cfg))
+    rows = _Rows(cfg.prediction_type)
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    for i in range(start, len(ts)):
+        if s[i + 1] == 0.0:
+            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=-s[i])
+            continue
+        t, t_next = -math.log(s[i]), -math.log(s[i + 1])
+        mid = math.exp(-(t + 0.5 * (t_next - t)))
+        sd, su = _ancestral(s[i], mid, eta)
+        rows.add(ts[i], s[i], s[i + 1], ax=sd / s[i], bD=-math.expm1(t + math.log(sd)), cn=su * s_noise,
+                 save=1.0)
+        sd2, su2 = _ancestral(s[i], s[i + 1], eta)
+        d1, d2 = s[i] - mid, mid - s[i + 1]
+        t_mid = float(sigma_to_t(np.array(mid), log_sigmas))
+        rows.add(t_mid, mid, s[i + 1], **{"as": sd2 / s[i]}, bD=-math.expm1(t + math.log(sd2)),
+                 cn=su2 * s_noise * math.sqrt(d2 / (d1 + d2)), cns=su2 * s_noise * math.sqrt(d1 / (d1 + d2)))
+    return _ve_tables(rows, tab, start)
+
+
+def _lms_coefficient(s: np.ndarray, i: int, order: int, j: int) -> float:
+    """Integral over [s_i, s_{i+1}] of the Lagrange basis polynomial of s_{i-j} on nodes s_i..s_{i-order+1}."""
+    poly = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            poly = poly * np.polynomial.Polynomial([-s[i - k], 1.0]) / (s[i - j] - s[i - k])
+    integral = poly.integ()
+    return float(integral(s[i + 1]) - integral(s[i]))
+
+
+def _build_lms(cfg, steps, schedule, start, options):
+    """LMS (k-diffusion sample_lms, order 4). Like diffusers, the order is min(i + 1, 4) in absolute step
+    index, and after an img2img start only the derivatives seen so far contribute."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    lms = []
+    for i in range(start, len(ts)):
+        order = min(i + 1, 4)
+        used = min(i - start + 1, order)
+        lms.append([_lms_coefficient(s, i, order, j) if j < used else 0.0 for j in range(4)])
+        rows.add(ts[i], s[i], s[i + 1])
+    tables = rows.tables()
+    tables["lms"] = np.array(lms)
+    return Tables(tables, tab.init_noise_sigma, (1.0, float(s[start])))
+
+
+def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
+    """DPM-Solver++(2M) as diffusers' DPMSolverMultistep (solver_order=2, midpoint) builds it."""
+    if cfg.default("solver_type", "midpoint") not in ("midpoint", "bh2", "logrho"):  # diffusers maps bh*/logrho
+        raise SamplerError("dpmpp_2m implements solver_type='midpoint' only")
+    tab = _table(cfg, steps, schedule, "dpm", final=True)
+    s, ts = tab.sigmas, tab.timesteps
+    n = len(ts)
+    lower_final = cfg.default("lower_order_final", True)
+    euler_final = cfg.default("euler_at_final", False)
+    final_zero = cfg.default("final_sigmas_type", "zero") == "zero"
+    s_noise = options.get("s_noise", 1.0)
+    alpha = 1.0 / np.sqrt(s ** 2 + 1.0)
+    sig = s * alpha  # VP sigma
+    cols = {k: [] for k in ("t", "ax", "b0", "b1", "cn", "inpaint_a", "inpaint_b")}
+    for i in range(start, n):
+        first = i == start or (i == n - 1 and (euler_final or (lower_final and n < 15) or final_zero))
+        if sig[i + 1] == 0.0:  # to sigma 0: the limit h -> inf of both formulas is x' = D
+            ax, b0, b1, cn = 0.0, 1.0, 0.0, 0.0
+        else:
+            lam = lambda k: math.log(alpha[k]) - math.log(sig[k])  # noqa: E731
+            h = lam(i + 1) - lam(i)
+            if sde:
+                ax = sig[i + 1] / sig[i] * math.exp(-h)
+                b0 = -alpha[i + 1] * math.expm1(-2.0 * h)
+                cn = sig[i + 1] * math.sqrt(-math.expm1(-2.0 * h)) * s_noise
+            else:
+                ax, b0, cn = sig[i + 1] / sig[i], -alpha[i + 1] * math.expm1(-h), 0.0
+            b1 = 0.0
+            if not first:  # D = D0 + (D0 - D_prev) / (2 r0), r0 = h_prev / h
+                r0 = (lam(i) - lam(i - 1)) / h
+                b0, b1 = b0 * (1.0 + 0.5 / r0), -b0 * 0.5 / r0
+        for k, v in zip(("t", "ax", "b0", "b1", "cn"), (ts[i], ax, b0, b1, cn)):
+            cols[k].append(v)
+        last = i == n - 1
+        cols["inpaint_a"].append(1.0 if last else alpha[i + 1])
+        cols["inpaint_b"].append(0.0 if last else sig[i + 1])
+    tables = {k: np.array(v) for k, v in cols.items()}
+    x0_x, x0_out = x0_coefficients(cfg.prediction_type, s[start:n], "vp")
+    tables.update(c_in=np.ones(n - start), x0_x=x0_x, x0_out=x0_out)
+    return Tables(tables, 1.0, (float(alpha[start]), float(sig[start])))
+
+
+def _build_dpmpp_2m_sde(cfg, steps, schedule, start, options):
+    return _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=True)
+
+
+# -------------------------------------------------------------------------------------- registration
+_NOISE_OPTS = ("eta", "s_noise")
+register("euler", build=_build_euler, body=_ve_body, init=_ve_init,
+         aliases=("Euler", "EulerDiscreteScheduler", "k_euler"))
+register("euler_ancestral", build=_build_euler_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
+         options=_NOISE_OPTS, aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a"))
+register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2,
+         aliases=("Heun", "HeunDiscreteScheduler", "k_heun"))
+register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2,
+         aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"))
+register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
+         order=2, options=_NOISE_OPTS, aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"))
+register("lms", build=_build_lms, body=_lms_body, init=_lms_init,
+         aliases=("LMS", "LMSDiscreteScheduler", "k_lms"))
+register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init,
+         aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"))
+register("dpmpp_2m_sde", build=_build_dpmpp_2m_sde, body=_dpm_body, init=_dpm_init, stochastic=True,
+         options=("s_noise",), aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"))
+register("dpmpp_2s_ancestral", build=_build_dpmpp_2s_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
+         options=_NOISE_OPTS, aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
+register("dpmpp_sde", build=_build_dpmpp_sde, body=_ve_body, init=_ve_init, stochastic=True,
+         options=_NOISE_OPTS, aliases=("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"))
