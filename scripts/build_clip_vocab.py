@@ -21,8 +21,8 @@ import zipfile
 
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
-# OpenAI keeps lines[1 : 49152 - 256 - 2 + 1] of the file: 48894 merges, so that 512 byte tokens + 48894 merges
-# + 2 special tokens make 49408.
+# OpenAI keeps lines[1 : 49152 - 256 - 2 + 1] of the file: 48894 merges, so that 512 byte tokens
+# + 48894 merges + 2 special tokens make 49408.
 NUM_MERGES = 49152 - 256 - 2
 
 

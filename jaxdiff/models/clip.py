@@ -44,7 +44,7 @@ IGNORED_TORCH_KEYS = ("*.position_ids",)
 class CLIPTextOutput:
     """What the text encoder returns; a pytree, so it passes through jit."""
     last_hidden_state: jax.Array            # [B, L, D] after final_layer_norm
-    hidden_states: tuple[jax.Array, ...]    # (num_hidden_layers + 1) x [B, L, D], embeddings first, no final norm
+    hidden_states: tuple[jax.Array, ...]    # (layers + 1) x [B, L, D]: embeddings first, no final norm
     pooled: jax.Array                       # [B, D] last_hidden_state at the end-of-text position
     text_embeds: Optional[jax.Array]        # [B, projection_dim], or None without text_projection
 
@@ -83,11 +83,38 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"unsupported hidden_act {name!r}")
 
 
-def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # Two-pass variance (as torch) rather than E[x^2] - E[x]^2, which cancels badly on the large
-    # residual-stream values of deep CLIP layers.
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, params `scale` and `bias`. [..., D] -> [..., D].
+
+    Statistics and the affine map are computed in float32 whatever the compute dtype (bf16 statistics
+    of CLIP's large residual stream are far off), with the two-pass variance torch uses rather than
+    E[x^2] - E[x]^2, which cancels badly on large values. The result is cast to `dtype`.
+    """
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centered = x - mean
+        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + jnp.asarray(self.epsilon, jnp.float32))
+        y = y * _lead(scale, y.ndim) + _lead(bias, y.ndim)
+        return y.astype(self.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """[D] float32 with leading unit axes to rank `ndim` (rank promotion is an error in jaxdiff's tests)."""
+    return v.astype(jnp.float32).reshape((1,) * (ndim - 1) + v.shape)
+
+
+def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class CLIPAttention(nn.Module):
@@ -212,7 +239,8 @@ class CLIPTextModel(nn.Module):
         tokenizer does. Returns CLIPTextOutput (see the module docstring)."""
         cfg = self.config
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"input_ids must be [B, L<={cfg.max_position_embeddings}], got {input_ids.shape}")
+            raise ValueError(f"input_ids must be [B, L<={cfg.max_position_embeddings}], "
+                             f"got {input_ids.shape}")
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
         last, hidden_states, pooled = CLIPTextTransformer(
