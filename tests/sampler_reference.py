@@ -194,18 +194,45 @@ class GaussianDenoiser:
 
     def jax(self, x, t):
         """Model output for a jax x [B, h, w, C] float32; t a float32 scalar (jit-traceable)."""
+        return jax_model(x, t, self.jax_params())
+
+    def jax_params(self) -> dict[str, Any]:
+        """The denoiser as a dict of jnp arrays, for ``jax_model``: pass it as a jit ARGUMENT so one compiled
+        sampler serves every (table, lam, prediction type) of a sweep."""
         import jax.numpy as jnp
 
-        table = jnp.asarray(self.table, dtype=jnp.float32)
-        log_sigmas = jnp.asarray(self.log_sigmas, dtype=jnp.float32)
-        t = jnp.asarray(t, dtype=jnp.float32)
-        n = len(self.table)
-        lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, n - 1)
-        hi = jnp.minimum(lo + 1, n - 1)
-        w = t - lo.astype(jnp.float32)
-        ls = (1.0 - w) * log_sigmas[lo] + w * log_sigmas[hi]
-        ab = jnp.where(w == 0.0, table[lo], 1.0 / (1.0 + jnp.exp(2.0 * ls)))
-        return _predict(x, ab.astype(x.dtype), self.mu, self.s, self.lam, self.prediction_type, jnp.sqrt, jnp.tanh)
+        onehot = np.array([self.prediction_type == p for p in ("epsilon", "v_prediction", "sample")], np.float32)
+        f32 = lambda v: jnp.asarray(v, dtype=jnp.float32)  # noqa: E731
+        return {"table": f32(self.table), "log_sigmas": f32(self.log_sigmas), "mu": f32(self.mu),
+                "s": f32(self.s), "lam": f32(self.lam), "onehot": f32(onehot)}
+
+
+def jax_model(x, t, params: dict[str, Any]):
+    """jnp form of ``_predict`` with every constant traced (see GaussianDenoiser.jax_params).
+
+    The three prediction types are all computed and one is selected by params["onehot"]; the lam term of
+    x0 is dropped where sqrt(ab) = 0 (only reachable with lam = 0, see GaussianDenoiser).
+    """
+    import jax.numpy as jnp
+
+    table, log_sigmas = params["table"], params["log_sigmas"]
+    t = jnp.asarray(t, dtype=jnp.float32)
+    n = table.shape[0]
+    lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, n - 1)
+    hi = jnp.minimum(lo + 1, n - 1)
+    w = t - lo.astype(jnp.float32)
+    ls = (1.0 - w) * log_sigmas[lo] + w * log_sigmas[hi]
+    ab = jnp.where(w == 0.0, table[lo], 1.0 / (1.0 + jnp.exp(2.0 * ls))).astype(x.dtype)
+    mu, s, lam = params["mu"], params["s"], params["lam"]
+    sa, sb = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+    r = (x - sa * mu) / (ab * (s * s) + (1.0 - ab))
+    bump = (lam * sb) * jnp.tanh(x)
+    eps = sb * r + bump
+    x0 = mu + (sa * (s * s)) * r
+    x0 = x0 - jnp.where(sa > 0, sb * bump / jnp.where(sa > 0, sa, 1.0), 0.0)
+    v = sa * eps - sb * x0
+    oh = params["onehot"]
+    return oh[0] * eps + oh[1] * v + oh[2] * x0
 
 
 # ------------------------------------------------------------------------------------------------- noise
