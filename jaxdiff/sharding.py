@@ -71,8 +71,9 @@ def make_mesh(devices=None, *, fsdp: int = 1) -> Mesh:
             f"fsdp={fsdp!r} must be a positive divisor of the device count {n}; "
             f"pick one of {[d for d in range(1, n + 1) if n % d == 0]}"
         )
-    # jax.make_mesh orders devices by physical topology (TPU torus) and keeps each process's
-    # devices together, which `to_global_from_local` relies on.
+    # jax.make_mesh orders devices by physical topology on TPU; on CPU and GPU it keeps process
+    # order, so each process's devices hold one contiguous block of batch rows (what
+    # `to_global_from_local` and per-host writing via `local_rows` assume).
     return jax.make_mesh(
         (n // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices,
@@ -359,30 +360,42 @@ def initialize_distributed() -> bool:
                       process_id=pid, cluster_detection_method="deactivate")
     elif not _cluster_env_present():
         return False
-    # Cross-process collectives on CPU (process_allgather, sharded jit across hosts) need a CPU
-    # collectives backend; without one they fail at run time. JAX >= 0.5 defaults to gloo (0.10.2
-    # does); older versions defaulted to none, so set it only where it is unset. It affects the CPU
-    # backend only, so it is harmless on GPU/TPU hosts.
+    # Cross-process collectives on CPU (process_allgather, a jit spanning hosts) need a CPU
+    # collectives backend. JAX 0.10.2 defaults to gloo (checked: the two-process test passes
+    # without touching it); older releases defaulted to none and failed at the first collective,
+    # so set gloo only where nothing is set. The flag is read by the CPU backend alone, so this is
+    # harmless on GPU/TPU hosts.
     if not jax.config.jax_cpu_collectives_implementation:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)
-    except (RuntimeError, ValueError) as e:
-        # RuntimeError: the backend already started; ValueError: the cluster env was incomplete.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxdiffError(f"jax.distributed could not start: {first_line} (call "
-                           "initialize_distributed() before any other JAX work)") from None
+    except RuntimeError as e:  # the backend already started (or JAX was initialized elsewhere)
+        raise JaxdiffError(f"jax.distributed could not start ({_first_line(e)}); call "
+                           "initialize_distributed() before any other JAX work") from None
+    except ValueError as e:  # JAX's own env / cluster detection gave an incomplete setup
+        raise JaxdiffError(f"jax.distributed could not start ({_first_line(e)}); set "
+                           f"{', '.join(names)} or complete JAX's own variables") from None
     return jax.process_count() > 1
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _cluster_env_present() -> bool:
     """Whether the environment describes a multi-process job JAX can set itself up from."""
     env = os.environ
+
+    def count(name: str) -> int:
+        value = env.get(name, "").strip()
+        return int(value) if value.isdigit() else 1
+
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    if count("SLURM_NTASKS") > 1 and "SLURM_JOB_ID" in env:
         return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if count("OMPI_COMM_WORLD_SIZE") > 1:
         return True
     hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
     return "," in hosts

@@ -4,7 +4,8 @@ Imported by tests/test_sharding.py for `toy_params` / `toy_generate` / `sharded_
 as a script by its multi-host test: `python tests/multihost_worker.py OUT_DIR BATCH`, once per
 process, with JAXDIFF_COORDINATOR / JAXDIFF_NUM_PROCESSES / JAXDIFF_PROCESS_ID, JAX_PLATFORMS=cpu and
 XLA_FLAGS=--xla_force_host_platform_device_count=N set by the test. Each process writes
-OUT_DIR/proc{i}.npz with the gathered batch, the host-0-only gather and its own local rows.
+OUT_DIR/proc{i}.npz with the gathered batch, the host-0-only gather, its own local rows, and a
+batch assembled from per-process rows (`to_global_from_local`).
 
 The toy mimics a sampler's structure: per-sample start noise from fold_in, a few nonlinear "steps"
 with replicated (or fsdp-sharded) params, fresh per-sample noise each step, and a per-row reduction.
@@ -66,11 +67,16 @@ def main(out_dir: str, batch: int) -> None:
     full = sharding.gather(out)
     host0 = sharding.gather(out, host0_only=True)
     rows, idx = sharding.local_rows(out, n)
+    # Training-style input: each process holds only its own 4 rows of an [8, 3] batch.
+    pid = jax.process_index()
+    table = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    from_local = sharding.to_global_from_local(table[4 * pid:4 * pid + 4], mesh)
     np.savez(
         f"{out_dir}/proc{jax.process_index()}.npz",
         multi=multi, process_count=jax.process_count(), device_count=jax.device_count(),
         full=sharding.trim(full, n), host0=np.zeros(0) if host0 is None else sharding.trim(host0, n),
         host0_is_none=host0 is None, rows=rows, idx=idx,
+        from_local=sharding.gather(from_local), from_local_idx=sharding.local_rows(from_local)[1],
     )
 
 

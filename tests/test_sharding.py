@@ -184,6 +184,12 @@ def test_initialize_distributed_from_env(monkeypatch):
     monkeypatch.setenv("JAXDIFF_NUM_PROCESSES", "2")
     with pytest.raises(JaxdiffError, match="before any other JAX work"):
         sharding.initialize_distributed()
+    # JAX's own variable alone is detected (and refused here for the same reason).
+    for name in ("JAXDIFF_COORDINATOR", "JAXDIFF_NUM_PROCESSES", "JAXDIFF_PROCESS_ID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    with pytest.raises(JaxdiffError, match="could not start"):
+        sharding.initialize_distributed()
 
 
 def _free_port() -> int:
@@ -214,7 +220,7 @@ def test_two_processes_generate_one_batch(tmp_path, reference):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
+            logs.append(p.communicate(timeout=90)[0])  # ~25 s on a loaded 2-core box
     finally:
         for p in procs:  # a hung or failed peer must not outlive the test
             if p.poll() is None:
@@ -234,3 +240,8 @@ def test_two_processes_generate_one_batch(tmp_path, reference):
     np.testing.assert_array_equal(results[1]["idx"], [4])
     rows = np.concatenate([results[0]["rows"], results[1]["rows"]])
     np.testing.assert_array_equal(rows, single)
+    # Per-process rows stack in process order into one global batch.
+    table = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    for pid, r in enumerate(results):
+        np.testing.assert_array_equal(r["from_local"], table)
+        np.testing.assert_array_equal(r["from_local_idx"], np.arange(4 * pid, 4 * pid + 4))
