@@ -18,7 +18,7 @@ Typical generation flow (every host runs the same code on the same full host arr
     initialize_distributed()                  # before any other JAX call; no-op single-process
     mesh = make_mesh()
     (ids, idx), n = pad_batch((ids, np.arange(B, dtype=np.int32)), mesh.size)
-    ids, idx = to_global((ids, idx), batch_sharding(mesh, 1))     # leaves of rank 2 / 1
+    ids, idx = to_global((ids, idx), batch_sharding(mesh, 1))  # rank-1 spec: later axes whole
     params = shard_params(params, replicated(mesh))
     images = generate(params, ids, idx)       # jax.jit; per_sample_noise(key, idx, ...) inside
     rows, which = local_rows(images, n)       # each host writes its own images, or
@@ -90,6 +90,9 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
     Args:
         ndim: rank of the arrays it will place, e.g. 4 for latents [B, h, w, C], 1 for indices [B].
+            A spec shorter than an array's rank leaves the trailing axes whole, so
+            `batch_sharding(mesh, 1)` also places any batch-leading array (jit `out_shardings`
+            wants the exact rank only for readability).
     """
     if ndim < 1:
         raise JaxdiffError(f"batch_sharding needs an array with a batch axis, got ndim={ndim}")
