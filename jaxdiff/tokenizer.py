@@ -115,6 +115,10 @@ class Tokenizer:
                         return_tensors="np").input_ids
         return np.asarray(ids, dtype=np.int32)
 
+    def save(self, folder: str | os.PathLike) -> None:
+        """Writes the tokenizer files (vocab, merges, config with the pad token) for `from_folder`."""
+        self._tok.save_pretrained(str(folder))
+
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source}, model_max_length={self.model_max_length}, "
                 f"pad_token_id={self.pad_token_id})")

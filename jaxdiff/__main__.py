@@ -1,0 +1,5 @@
+import sys
+
+from jaxdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""The three kinds of network a pipeline holds, as callables over (params, inputs).
+
+Each component keeps its config, its Flax module and its params; calling it runs one jitted
+`module.apply` with the params passed as an argument (never baked into the program as constants).
+
+    unet(x, t, context, added_cond=None)   # NHWC latents [B, h, w, C] -> [B, h, w, C_out]
+    vae.encode(images) -> .mean, .logvar    # images [B, H, W, 3] in [-1, 1] -> NHWC moments
+    vae.decode(z) -> images                 # unscaled latents -> [B, H, W, 3] in [-1, 1]
+    text_encoder(ids) -> CLIPTextOutput     # ids [B, 77] int32
+
+`KINDS` says, for every upstream class name a checkpoint may declare, how to build the module, how to
+make its param shapes without computing anything, and which weight files and buffers to expect.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.models.clip import CLIPTextModel, canonical_torch_keys
+from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+from jaxdiff.models.unet import UNet2DConditionModel
+from jaxdiff.models.vae import AutoencoderKL
+
+
+class Component:
+    """A module, its config and its params (a nested dict without the outer {"params": ...})."""
+
+    def __init__(self, module, params, config):
+        self.module = module
+        self.params = params
+        self.config = config
+        self._apply = jax.jit(module.apply, static_argnames=("method",))
+
+    def apply(self, *args, method=None):
+        return self._apply({"params": self.params}, *args, method=method)
+
+
+class UNet(Component):
+    def __call__(self, x, t, context, added_cond=None):
+        """x [B, h, w, C] NHWC, t [B] or [] timesteps, context [B, L, D] -> [B, h, w, C_out]."""
+        return self.apply(x, jnp.asarray(t), context, added_cond)
+
+
+class VAE(Component):
+    def encode(self, images):
+        """images [B, H, W, 3] in [-1, 1] -> diagonal Gaussian with .mean and .logvar [B, h, w, 4]."""
+        return self.apply(images, method="encode")
+
+    def decode(self, z):
+        """Unscaled latents [B, h, w, 4] -> images [B, H, W, 3] in [-1, 1]."""
+        return self.apply(z, method="decode")
+
+
+class TextEncoder(Component):
+    def __call__(self, ids):
+        """ids [B, L] int32 -> CLIPTextOutput (last_hidden_state, hidden_states, pooled, text_embeds)."""
+        return self.apply(jnp.asarray(ids, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How one kind of network is built, initialised abstractly and read from upstream files."""
+    wrapper: type[Component]
+    config_cls: type
+    build: Callable[[Any, Any], Any]                   # (config, dtype) -> flax module
+    init_args: Callable[[Any], tuple]                  # config -> (args, method) for module.init
+    weight_stem: str                                   # upstream file stem in a diffusers folder
+    ignore: tuple[str, ...] = ()                       # upstream buffers that are not params
+    canonical_keys: Callable[[dict], dict] = dict      # puts upstream key variants in one form
+
+    def param_shapes(self, config) -> dict:
+        """The param tree as jax.ShapeDtypeStruct leaves, computed without allocating anything."""
+        module = self.build(config, jnp.float32)
+        args, method = self.init_args(config)
+        tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method))
+        return tree["params"]
+
+    def component(self, config, params, dtype) -> Component:
+        return self.wrapper(self.build(config, dtype), params, config)
+
+
+def _unet_init(cfg: UNetConfig):
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
+    args = (jnp.zeros((1, 8, 8, cfg.in_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, 4, cfg.cross_attention_dim)), added)
+    return args, None
+
+
+def _vae_init(cfg: VAEConfig):
+    return (jnp.zeros((1, 8, 8, cfg.in_channels)),), None
+
+
+def _clip_init(cfg: CLIPTextConfig):
+    return (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),), None
+
+
+UNET = Kind(UNet, UNetConfig, lambda c, d: UNet2DConditionModel(config=c, dtype=d), _unet_init,
+            "diffusion_pytorch_model")
+VAE_KIND = Kind(VAE, VAEConfig, lambda c, d: AutoencoderKL(config=c, dtype=d), _vae_init,
+                "diffusion_pytorch_model")
+CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dtype=d), _clip_init,
+            "model", ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
+
+# Upstream class names (model_index.json / config.json "_class_name" or "architectures") -> kind.
+KINDS = {
+    "UNet2DConditionModel": UNET,
+    "AutoencoderKL": VAE_KIND,
+    "CLIPTextModel": CLIP,
+    "CLIPTextModelWithProjection": CLIP,
+}
+# Native folders name kinds by wrapper.
+NATIVE_KINDS = {"UNet": UNET, "VAE": VAE_KIND, "TextEncoder": CLIP}
+
+
+def cast_params(params, dtype):
+    """Casts float leaves to `dtype` on the host (numpy) and moves them to the default device."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a), params)

@@ -1,0 +1,142 @@
+"""`jaxdiff.load`: a diffusers folder or a jaxdiff native folder -> Pipeline.
+
+A diffusers folder is read component by component as its `model_index.json` lists them: each
+network's `config.json` is parsed strictly (jaxdiff.models.configs), its weights are read from
+safetensors (single, sharded through an index, or the `fp16` variant when that is all there is) and
+mapped by convert.diffusers_layout's strict table onto the param shapes the config implies.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from convert.diffusers_layout import convert_state_dict, flatten
+from convert.formats import read_tensors
+from jaxdiff import checkpoint
+from jaxdiff.components import KINDS, NATIVE_KINDS, cast_params
+from jaxdiff.errors import CheckpointError, ConfigError
+from jaxdiff.pipeline import Pipeline
+from jaxdiff.tokenizer import Tokenizer
+
+NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+# model_index.json entries that do not take part in generation; their folders are not read.
+UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def load(path, dtype: Any = "float32", *, param_dtype: Any = None) -> Pipeline:
+    """Loads a pipeline.
+
+    Args:
+      path: a diffusers folder (with model_index.json) or a jaxdiff folder written by `Pipeline.save`.
+      dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
+      param_dtype: storage dtype of the params; defaults to `dtype`.
+    Raises:
+      CheckpointError / ConfigError naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        raise CheckpointError(f"{path}: single-file checkpoints are not supported yet; pass a diffusers "
+                              f"folder (with model_index.json) or a folder written by `jaxdiff convert`")
+    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    if checkpoint.is_native(path):
+        return _load_native(path, dtype, param_dtype)
+    if (path / "model_index.json").is_file():
+        return _load_diffusers(path, dtype, param_dtype)
+    raise CheckpointError(f"{path}: not a model folder: it has neither model_index.json (diffusers) nor "
+                          f"{checkpoint.INDEX} (jaxdiff)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weights_file(folder: Path, stem: str) -> Path:
+    """The weights of one diffusers component, as diffusers itself would pick them (no variant asked)."""
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json",
+                 f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json"):
+        if (folder / name).is_file():
+            return folder / name
+    if any(folder.glob(f"{stem}*.bin")):
+        raise CheckpointError(f"{folder}: only pickled .bin weights found; jaxdiff reads safetensors: "
+                              f"re-save the model with save_pretrained(..., safe_serialization=True)")
+    raise CheckpointError(f"{folder}: no weights file ({stem}.safetensors or a sharded index)")
+
+
+def _load_diffusers(root: Path, dtype, param_dtype) -> Pipeline:
+    index = _read_json(root / "model_index.json")
+    networks, tokenizers, scheduler = {}, {}, None
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[1] is None or name in UNUSED:
+            continue
+        library, cls = entry
+        folder = root / name
+        if name in NETWORKS:
+            kind = KINDS.get(cls)
+            if kind is None:
+                raise ConfigError(f"{root / 'model_index.json'}: {name} is a {cls}, which jaxdiff does not "
+                                  f"implement (supported: {', '.join(sorted(KINDS))})")
+            raw = _read_json(folder / "config.json")
+            config = kind.config_cls.from_dict(raw, str(folder / "config.json"))
+            weights = _weights_file(folder, kind.weight_stem)
+            tensors = kind.canonical_keys(read_tensors(weights))
+            params = convert_state_dict(tensors, kind.param_shapes(config),
+                                        source=str(weights), ignore=kind.ignore)
+            networks[name] = kind.component(config, cast_params(params, param_dtype), dtype)
+        elif name in TOKENIZERS:
+            tokenizers[name] = Tokenizer.from_folder(folder)
+        elif name == "scheduler":
+            scheduler = _read_json(folder / "scheduler_config.json")
+        else:
+            raise ConfigError(f"{root / 'model_index.json'}: component {name!r} ({library}.{cls}) is not "
+                              f"supported by jaxdiff")
+    return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
+                               pipeline_class=index.get("_class_name"))
+
+
+def _load_native(root: Path, dtype, param_dtype) -> Pipeline:
+    networks, tokenizers, scheduler = {}, {}, None
+    for name, kind_name in checkpoint.read_index(root).items():
+        folder = root / name
+        if kind_name in NATIVE_KINDS:
+            kind = NATIVE_KINDS[kind_name]
+            config = checkpoint.config_from_dict(kind.config_cls, _read_json(folder / "config.json"),
+                                                 str(folder / "config.json"))
+            params = checkpoint.load_params(folder)
+            # The same strict shape check as for upstream files: a hand-edited folder fails loudly.
+            _check_native(params, kind.param_shapes(config), folder)
+            networks[name] = kind.component(config, cast_params(params, param_dtype), dtype)
+        elif name in TOKENIZERS:
+            tokenizers[name] = Tokenizer.from_folder(folder)
+        elif name == "scheduler":
+            scheduler = _read_json(folder / "scheduler_config.json")
+        else:
+            raise CheckpointError(f"{root / checkpoint.INDEX}: unknown component {name!r} ({kind_name})")
+    meta = _read_json(root / checkpoint.INDEX).get("pipeline", {})
+    return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
+                               pipeline_class=meta.get("class"))
+
+
+def _check_native(params, shapes, folder: Path) -> None:
+    got = {p: tuple(a.shape) for p, a in flatten(params).items()}
+    want = {p: tuple(s.shape) for p, s in flatten(shapes).items()}
+    if got != want:
+        missing = sorted("/".join(p) for p in set(want) - set(got))
+        extra = sorted("/".join(p) for p in set(got) - set(want))
+        bad = sorted("/".join(p) for p in set(got) & set(want) if got[p] != want[p])
+        raise CheckpointError(f"{folder / 'params.safetensors'}: params do not fit config.json: "
+                              f"missing {missing[:4]}, left over {extra[:4]}, mis-shaped {bad[:4]}")
