@@ -1,0 +1,193 @@
+"""jaxdiff.schedules against diffusers' set_timesteps, class by class (host tables only, no JAX).
+
+Tolerances: timesteps that are integers (spacings, rounded karras) must match exactly. Sigmas: rtol 2e-6
+plus atol 5e-7, because diffusers computes 1 - alphas_cumprod in float32 where alphas_cumprod ~ 1: at
+sigma_min = 0.029 that cancellation alone is 4e-7 absolute (1.3e-5 relative); float64 is the truth here.
+Fractional timesteps (sigma -> t for karras / exponential / beta / AYS) come from diffusers' float32 log
+sigmas; they agree within 2e-3 in t units (the UNet input changes by < 1e-5 relative, see the parity tests).
+"""
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from jaxdiff import schedules as S
+from jaxdiff.errors import ConfigError, SamplerError
+from tests.sampler_reference import SD_CONFIG, make_scheduler
+
+STEPS = (1, 2, 3, 4, 10, 14, 15, 20, 50)
+SPACINGS = ("leading", "trailing", "linspace")
+MAIN = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+# diffusers class -> our family (how it builds timesteps) and the schedules it supports
+CLASSES = {
+    "EulerDiscreteScheduler": ("euler", ("default", "karras", "exponential", "beta")),
+    "EulerAncestralDiscreteScheduler": ("euler", ("default",)),
+    "HeunDiscreteScheduler": ("euler", ("default", "karras", "exponential", "beta")),
+    "LMSDiscreteScheduler": ("euler", ("default", "karras", "exponential", "beta")),
+    "KDPM2DiscreteScheduler": ("kdpm2", ("default", "karras", "exponential", "beta")),
+    "DPMSolverMultistepScheduler": ("dpm", ("default", "karras", "exponential", "beta")),
+}
+
+
+def _cfg(**over):
+    return S.SchedulerConfig.from_dict({**SD_CONFIG, **over})
+
+
+def _check_sigmas(ours, theirs, derived=False, rtol=2e-6):
+    """rtol 2e-6, plus the float32 cancellation in diffusers' 1 - alphas_cumprod: one float32 ulp at 1
+    (6e-8) there moves sigma by 6e-8 / (2 sigma), i.e. 1e-6 at sigma = 0.03. Derived tables (karras /
+    exponential / beta) interpolate from that sigma_min, so inner points inherit up to 1.3e-5 relative."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape
+    tol = (2e-5 if derived else rtol) * np.abs(theirs) + 6e-8 / np.maximum(theirs, 1e-3)
+    bad = np.abs(ours - theirs) > tol
+    assert not bad.any(), f"sigmas differ at {np.nonzero(bad)[0]}: {ours[bad]} vs {theirs[bad]}"
+
+
+def _check_timesteps(ours, theirs, integer):
+    if integer:
+        np.testing.assert_array_equal(ours.astype(np.float32), np.asarray(theirs, np.float32))
+    else:
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-3)
+
+
+def _base_table(sch_cls_name, sch):
+    """Undo the Heun / KDPM2 interleaving: the per-step timesteps and sigmas."""
+    t, s = sch.timesteps.numpy().astype(np.float64), sch.sigmas.numpy().astype(np.float64)
+    if sch_cls_name == "HeunDiscreteScheduler":
+        return np.concatenate([t[:1], t[1::2]]), np.concatenate([s[:1], s[1:-1:2], s[-1:]])
+    if sch_cls_name == "KDPM2DiscreteScheduler":
+        return np.concatenate([t[:1], t[2::2]]), np.concatenate([s[:1], s[1:-3:2], s[-1:]])
+    return t, s
+
+
+@pytest.mark.parametrize("cls_name", list(CLASSES))
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_tables_match_diffusers(cls_name, spacing):
+    family, schedules = CLASSES[cls_name]
+    cls = getattr(diffusers, cls_name)
+    for schedule in schedules:
+        over = {"timestep_spacing": spacing}
+        if schedule != "default":
+            over[f"use_{schedule}_sigmas"] = True
+        cfg = _cfg(**over)
+        sch = make_scheduler(cls, over)  # set_timesteps resets all state; one instance per config is enough
+        # the full step sweep on the two most used classes; the rest on a subset (test time)
+        for steps in STEPS if cls_name in MAIN else (1, 3, 15, 50):
+            sch.set_timesteps(steps)
+            tab = S.sigma_table(cfg, steps, S.resolve_schedule(cfg, None), family=family)
+            t, s = _base_table(cls_name, sch)
+            # exact: spaced tables (linspace ones are float32 in both) and rounded ones
+            exact = schedule == "default" or family == "dpm" or (family == "kdpm2" and schedule == "karras")
+            if family == "dpm" and schedule in ("exponential", "beta"):
+                # DPMSolverMultistep truncates these fractional t (int64 cast); at t = 999 its float32
+                # log sigmas give 998.99998 -> 998 where float64 gives 999. Off by at most one, only there.
+                np.testing.assert_allclose(tab.timesteps, t, rtol=0, atol=1)
+                assert np.sum(tab.timesteps != t) <= 1
+            else:
+                _check_timesteps(tab.timesteps, t, exact)
+            _check_sigmas(tab.sigmas, s, derived=schedule != "default")
+            _check_sigmas([tab.init_noise_sigma], [float(sch.init_noise_sigma)])
+
+
+@pytest.mark.parametrize("cls_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_zero_snr_and_schedules(cls_name, prediction_type):
+    """Zero-SNR (trailing, as it requires) and the three beta schedules, against diffusers."""
+    family = CLASSES[cls_name][0]
+    cls = getattr(diffusers, cls_name)
+    for over in ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+                 {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+                 {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"}):
+        over = dict(over, prediction_type=prediction_type)
+        sch = make_scheduler(cls, over)
+        for steps in (1, 4, 15, 50):
+            sch.set_timesteps(steps)
+            tab = S.sigma_table(_cfg(**over), steps, "default", family=family)
+            _check_timesteps(tab.timesteps, sch.timesteps.numpy(), True)
+            # squaredcos_cap_v2 ends at alphas_cumprod = 2.4e-9 after 1000 float32 products in diffusers:
+            # its sigma_max (20291) carries ~7e-6 relative error there.
+            rtol = 1e-5 if over.get("beta_schedule") == "squaredcos_cap_v2" else 2e-6
+            _check_sigmas(tab.sigmas, sch.sigmas.numpy().astype(np.float64), rtol=rtol)
+            _check_sigmas([tab.init_noise_sigma], [float(sch.init_noise_sigma)], rtol=rtol)
+
+
+def test_alphas_cumprod_and_zero_snr():
+    for over in ({}, {"beta_schedule": "linear"}, {"beta_schedule": "squaredcos_cap_v2"},
+                 {"rescale_betas_zero_snr": True}):
+        ref = make_scheduler(diffusers.DDIMScheduler, over).alphas_cumprod.numpy()
+        ours = S.alphas_cumprod(_cfg(**over))
+        np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-7)
+    ab = S.alphas_cumprod(_cfg(rescale_betas_zero_snr=True))
+    assert ab[-1] == 0.0 and S.train_sigmas(_cfg(rescale_betas_zero_snr=True))[-1] == pytest.approx(4096, rel=1e-6)
+
+
+def test_spacings_and_steps_offset():
+    """The documented quirks: leading never reaches 999 and strides T//N (T//(N+1) for DPM); offset."""
+    cfg = _cfg()
+    np.testing.assert_array_equal(S.spaced_timesteps(cfg, 20)[:3], [951, 901, 851])
+    np.testing.assert_array_equal(S.spaced_timesteps(cfg, 10, family="dpm")[:3], [901, 811, 721])
+    np.testing.assert_array_equal(S.spaced_timesteps(_cfg(steps_offset=0), 20)[:2], [950, 900])
+    assert S.spaced_timesteps(_cfg(timestep_spacing="trailing"), 20)[0] == 999
+    for steps in (1, 7, 50):  # DDIM's own leading table is the same as the k family's
+        sch = make_scheduler(diffusers.DDIMScheduler)
+        sch.set_timesteps(steps)
+        np.testing.assert_array_equal(S.spaced_timesteps(cfg, steps), sch.timesteps.numpy())
+
+
+def test_ays_tables():
+    """Align Your Steps: the 10-step tables are diffusers' AysSchedules; other counts interpolate in log
+    sigma (ComfyUI) and keep the endpoints."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    for model, key in (("SD1", "StableDiffusionSigmas"), ("SDXL", "StableDiffusionXLSigmas")):
+        np.testing.assert_allclose(S.ays_sigmas(model, 10), AysSchedules[key], rtol=1e-12)
+        for steps in (4, 20, 32):
+            sig = S.ays_sigmas(model, steps)
+            assert len(sig) == steps + 1 and sig[-1] == 0.0 and sig[0] == pytest.approx(14.615)
+            assert np.all(np.diff(sig) < 0)
+            # log-linear: at 20 steps every other interpolated point is a table entry
+            if steps == 20:
+                np.testing.assert_allclose(sig[:-1:2], S.AYS_SIGMAS[model][:-1], rtol=1e-12)
+    # diffusers' Euler with sigmas=AYS gives the same timesteps as ours
+    sch = make_scheduler(diffusers.EulerDiscreteScheduler)
+    sch.set_timesteps(sigmas=AysSchedules["StableDiffusionSigmas"])
+    tab = S.sigma_table(_cfg(), 10, "ays", family="euler")
+    _check_timesteps(tab.timesteps, sch.timesteps.numpy(), False)
+    _check_sigmas(tab.sigmas, sch.sigmas.numpy().astype(np.float64))
+
+
+def test_comfy_schedules():
+    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform (comfy/samplers.py), by their definitions."""
+    cfg = _cfg()
+    sig = S.train_sigmas(cfg)
+    simple = S.comfy_sigmas(cfg, 4, "simple")
+    np.testing.assert_allclose(simple, [sig[999], sig[749], sig[499], sig[249], 0.0])
+    normal = S.comfy_sigmas(cfg, 3, "normal")  # linspace(999, 0, 3) in t, sigma interpolated in log
+    np.testing.assert_allclose(normal[[0, 2, 3]], [sig[999], sig[0], 0.0])
+    assert normal[1] == pytest.approx(np.exp(0.5 * (np.log(sig[499]) + np.log(sig[500]))))
+    sgm = S.comfy_sigmas(cfg, 4, "sgm_uniform")  # linspace(999, 0, 5)[:-1]
+    assert len(sgm) == 5 and sgm[0] == pytest.approx(sig[999]) and sgm[-1] == 0.0
+    ddim = S.comfy_sigmas(cfg, 7, "ddim_uniform")  # stride 142 from t=1: 8 sigmas > steps, plus 0
+    np.testing.assert_allclose(ddim[:-1], sig[1::142][::-1])
+    assert len(ddim) == 9
+
+
+def test_config_parsing():
+    cfg = S.SchedulerConfig.from_dict({**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler",
+                                       "use_karras_sigmas": True, "solver_order": 2, "thresholding": False})
+    assert cfg.class_name == "DPMSolverMultistepScheduler" and cfg.default("solver_order") == 2
+    assert S.resolve_schedule(cfg, None) == "karras"
+    assert S.resolve_schedule(_cfg(), None) == "default"
+    for bad in ({"trained_betas": [0.1] * 1000}, {"thresholding": True}, {"clip_sample": True},
+                {"timestep_type": "continuous"}, {"interpolation_type": "log_linear"}, {"made_up_key": 1}):
+        with pytest.raises(ConfigError):
+            S.SchedulerConfig.from_dict({**SD_CONFIG, **bad})
+    with pytest.raises(ConfigError):
+        S.SchedulerConfig.from_dict({**SD_CONFIG, "beta_schedule": "sigmoid"})
+    with pytest.raises(SamplerError, match="valid schedules"):
+        S.resolve_schedule(cfg, "nonsense")
+    with pytest.raises(SamplerError, match="steps"):
+        S.sigma_table(cfg, 0, "karras", family="euler")
+    # torch is only the reference: the library module must not import it
+    assert "torch" not in S.__dict__ and torch is not None
