@@ -179,6 +179,11 @@ def test_full_size_shapes_without_compute():
     out = jax.eval_shape(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode),
                          params, post.mean)
     assert out.shape == (2, 512, 512, 3) and out.dtype == jnp.float32
+    # bfloat16 compute over float32 params traces under strict dtype promotion, and stays bfloat16.
+    bf16 = AutoencoderKL(VAEConfig.sd(), dtype=jnp.bfloat16)
+    recon = jax.eval_shape(lambda p, x, k: bf16.apply({"params": p}, x, k), params, images,
+                           jax.random.PRNGKey(0))
+    assert recon.shape == (2, 512, 512, 3) and recon.dtype == jnp.bfloat16
 
 
 def test_init_params_fills_the_model_tree():
