@@ -99,3 +99,13 @@ def sdxl(folder: Path) -> StableDiffusionXLPipeline:
         tokenizer_2=tokenizer("!"), unet=unet, scheduler=EulerDiscreteScheduler.from_config(STOCK_SCHEDULER))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def sd1_inpaint(folder: Path):
+    """A 9-channel inpainting UNet (latents + mask + masked-image latents) in SD1 style, saved as
+    diffusers' StableDiffusionInpaintPipeline."""
+    from diffusers import StableDiffusionInpaintPipeline
+    base = sd1(folder, in_channels=9)
+    pipe = StableDiffusionInpaintPipeline(**base.components)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
