@@ -2,8 +2,9 @@
 
     import jaxdiff
     pipe = jaxdiff.load("path/to/diffusers-or-jaxdiff-folder", dtype="bfloat16")
+    jaxdiff.SAMPLERS     # canonical sampler names; A1111 / ComfyUI / diffusers aliases are accepted too
 """
-from jaxdiff.errors import CheckpointError, ConfigError, JaxdiffError
+from jaxdiff.errors import CheckpointError, ConfigError, JaxdiffError, SamplerError
 
 
 def load(path, dtype="float32", *, param_dtype=None):
@@ -12,4 +13,15 @@ def load(path, dtype="float32", *, param_dtype=None):
     return _load(path, dtype, param_dtype=param_dtype)
 
 
-__all__ = ["load", "JaxdiffError", "CheckpointError", "ConfigError"]
+def __getattr__(name):
+    # Imported on first use so that `import jaxdiff` (and the CLI's --help) stay fast.
+    if name == "SAMPLERS":
+        from jaxdiff.samplers import SAMPLERS
+        return SAMPLERS
+    if name == "Pipeline":
+        from jaxdiff.pipeline import Pipeline
+        return Pipeline
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
+
+
+__all__ = ["load", "Pipeline", "SAMPLERS", "JaxdiffError", "CheckpointError", "ConfigError", "SamplerError"]
