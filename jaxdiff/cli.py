@@ -1,50 +1,372 @@
 """`jaxdiff` command line: thin wrappers over library functions.
 
-A user error (a JaxdiffError: bad path, bad file, bad flag) prints one line to stderr and exits 2.
+    jaxdiff generate "a red panda" --model sd15/ --steps 25 --sampler "DPM++ 2M" --schedule karras
+    jaxdiff convert diffusers-folder/ native-folder/
+
+Each subcommand lives in a `register(subparsers)` function that adds its parser and sets `run`
+(a function of the parsed args). `build_parser` calls the local ones and then `register` of every
+module in `COMMAND_MODULES`, so training / bench add a subcommand with one line there. Registration
+must stay light: nothing imports jax before the arguments are checked, so `--help` and flag errors
+are instant.
+
+A user error (bad flag or value, missing file, a JaxdiffError from the library) prints one line to
+stderr and exits 2; Ctrl-C exits 130 and SIGTERM 143, after removing any half-written output.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
+
+# Modules with a `register(subparsers)` function, each adding one subcommand (e.g. "jaxdiff.training.cli").
+COMMAND_MODULES: tuple[str, ...] = ()
+
+# The bundled demo model `generate` uses without --model (not shipped yet: then --model is required).
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing (a missing file, an impossible combination)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints usage over several lines
-        print(f"jaxdiff: error: {message} (see `jaxdiff --help`)", file=sys.stderr)
+        print(f"jaxdiff: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
 
 
-def _convert(args) -> None:
+# -- value checks used as argparse `type=`: they run before anything heavy is imported -------------------
+
+def _int_at_least(low: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    check.__name__ = "integer"
+    return check
+
+
+def _multiple_of_8(text: str) -> int:
+    value = _int_at_least(8)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}; "
+                                         f"try {max(8, value // 8 * 8)}")
+    return value
+
+
+def _float_in(low: float, high: float, *, open_low: bool = False):
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                                             f"got {text}")
+        return value
+    check.__name__ = "number"
+    return check
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 32:  # jax.random.PRNGKey takes a uint32 seed
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("JAXDIFF_CACHE") or str(Path.home() / ".cache" / "jaxdiff" / "xla")
+
+
+# -- generate --------------------------------------------------------------------------------------------
+
+def register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-image, img2img and inpainting; writes PNGs",
+                       description="Generate images. Each PNG carries its parameters in A1111's "
+                                   "'parameters' text chunk.")
+    p.add_argument("prompt", nargs="*", help="one or more prompts (each is its own request)")
+    p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line (blank lines skipped)")
+    p.add_argument("--model", metavar="PATH", help="diffusers folder or jaxdiff folder (default: the "
+                                                   "bundled demo model)")
+    p.add_argument("--out", metavar="DIR", default="out", help="output folder (default: ./out)")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt (default: none; SDXL then uses zeros "
+                                                      "as diffusers does)")
+    p.add_argument("--height", metavar="H", type=_multiple_of_8, help="pixels, multiple of 8 (default: the init "
+                                                          "image's size, else the model's)")
+    p.add_argument("--width", metavar="W", type=_multiple_of_8, help="pixels, multiple of 8")
+    p.add_argument("--steps", metavar="N", type=_int_at_least(1), default=25, help="sampler steps (default 25)")
+    p.add_argument("--sampler", metavar="NAME", default="dpmpp_2m", help="any name or alias: dpmpp_2m, 'DPM++ 2M Karras', "
+                                                          "'Euler a', EulerDiscreteScheduler, ...")
+    p.add_argument("--schedule", metavar="NAME", default="karras", help="karras, normal, exponential, sgm_uniform, ays, "
+                                                         "... or 'automatic' (the model's own)")
+    p.add_argument("--guidance", metavar="G", type=_float_in(0.0, 100.0), default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument("--guidance-rescale", metavar="R", type=_float_in(0.0, 1.0), default=0.0,
+                   help="rescale CFG output toward the conditional std (zero-SNR models; default 0)")
+    p.add_argument("--clip-skip", metavar="N", type=_int_at_least(1), default=1,
+                   help="A1111's 'Clip skip': condition on the N-th last CLIP layer; 1 (default) is the "
+                        "last layer, 2 the penultimate (diffusers' clip_skip=1)")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0, help="image i of a prompt uses (SEED, i) (default 0)")
+    p.add_argument("--batch", metavar="N", type=_int_at_least(1), default=1, help="images per pipeline call (default 1)")
+    p.add_argument("--images-per-prompt", metavar="N", type=_int_at_least(1),
+                   help="images for each prompt (default: --batch)")
+    p.add_argument("--init-image", metavar="FILE", help="img2img / inpainting source image")
+    p.add_argument("--strength", metavar="X", type=_float_in(0.0, 1.0, open_low=True),
+                   help="how much of the init image is re-noised, in (0, 1] (default 0.75; 1.0 with --mask)")
+    p.add_argument("--mask", metavar="FILE", help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
+    p.add_argument("--compile-cache", metavar="DIR", default=_default_cache_dir(),
+                   help="JAX persistent compilation cache (default $JAXDIFF_CACHE or ~/.cache/jaxdiff/xla)")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
+                   help="do not use the compilation cache")
+    p.add_argument("--gather", choices=("host0", "local"), default="host0",
+                   help="multi-host: host 0 writes every image, or each host writes its own rows")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_generate)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"{path}: prompts file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: cannot read the prompts file ({e})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("no prompt: give one or more prompts, or --prompts-file FILE")
+    return prompts
+
+
+def _check_inputs(args) -> Path:
+    """Every file the run needs exists (checked before loading anything); returns the model path."""
+    if args.model is None:
+        if not DEMO_MODEL.exists():
+            raise UsageError("no bundled demo model in this install; pass --model PATH (a diffusers folder "
+                             "or a folder written by `jaxdiff convert`)")
+        model = DEMO_MODEL
+    else:
+        model = Path(args.model)
+        if not model.exists():
+            raise UsageError(f"{model}: model not found")
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image (the image to inpaint)")
+    for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"{value}: {flag} file not found")
+    if args.strength is not None and args.init_image is None:
+        raise UsageError("--strength needs --init-image")
+    if (args.height is None) != (args.width is None):
+        raise UsageError("give both --height and --width, or neither")
+    return model
+
+
+def _generate(args) -> None:
+    texts = _prompts(args)
+    model_path = _check_inputs(args)
+    per_prompt = args.images_per_prompt or args.batch
+    # Heavy imports only now that the command line is known to be good.
+    from jaxdiff import images
+    from jaxdiff.samplers import resolve
+    sampler, schedule = resolve(args.sampler, None if args.schedule.lower() == "automatic" else args.schedule)
+    size = (args.height, args.width) if args.height is not None else None
+    init = mask = None
+    if args.init_image is not None:
+        size = size or _round8(images.image_size(args.init_image))
+        init = images.read_image(args.init_image, size)  # resized to the requested size (A1111 "Just resize")
+        if args.mask is not None:
+            mask = images.read_mask(args.mask, size)
+    # The library's default: 0.75 for img2img, 1.0 (all noise) for inpainting.
+    strength = args.strength
+    if strength is None and init is not None:
+        strength = 1.0 if mask is not None else 0.75  # the library's defaults, named so the PNG can say them
+
+    from jaxdiff import generation, sharding
+    sharding.initialize_distributed()  # no-op on one host; must precede every other JAX call
+    if args.compile_cache is not None:
+        generation.enable_compilation_cache(args.compile_cache)
+    pipe = _load(model_path, args.dtype)
+
+    # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
+    # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
+    total = len(texts) * per_prompt
+    batches = pipe.generate_batches(
+        texts, num_images_per_prompt=per_prompt, batch_size=args.batch, negative_prompt=args.negative,
+        height=None if init is not None or size is None else size[0],
+        width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
+        schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
+        gather=args.gather)
+    extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
+             "CFG rescale": args.guidance_rescale or None}
+    bar = _progress_bar(total, quiet=args.quiet)
+    written = []
+    try:
+        while (out := _interruptible(next, batches, None)) is not None:
+            bar.update(len(out.indices))
+            for row, index in zip(out.images if out.images is not None else (), out.indices):
+                text = images.parameters_text(
+                    texts[index // per_prompt], args.negative or "", steps=args.steps, sampler=sampler,
+                    schedule=schedule, guidance_scale=args.guidance, seed=args.seed, width=row.shape[1],
+                    height=row.shape[0], model=model_path.name,
+                    extra={**extra, "Seed index": int(index) if total > 1 else None})
+                with _deferred_signals():  # a file is finished before Ctrl-C / SIGTERM acts
+                    written.append(images.write_png(args.out, row, text, seed=args.seed))
+    finally:
+        bar.close()
+    if written:
+        print(f"wrote {len(written)} image(s) to {args.out}", file=sys.stderr)
+
+
+def _round8(size: tuple[int, int]) -> tuple[int, int]:
+    h, w = size
+    if h < 8 or w < 8:
+        raise UsageError(f"the init image is {w}x{h}; it must be at least 8x8")
+    return h // 8 * 8, w // 8 * 8
+
+
+def _load(path: Path, dtype: str):
     from jaxdiff.loading import load
-    pipe = load(args.src, dtype=args.dtype)
+    return load(path, dtype=dtype)
+
+
+# -- interrupts ------------------------------------------------------------------------------------------
+
+_WORKER: threading.Thread | None = None  # a computation still running when main() returns
+
+
+def _interruptible(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a daemon thread, so Ctrl-C / SIGTERM act at once.
+
+    Python runs signal handlers only in the main thread between bytecodes; a main thread blocked inside
+    XLA for a whole sampling loop would ignore Ctrl-C until the batch ends. Here the main thread waits
+    on an Event (interruptible) while the worker computes; on interrupt `main` exits without waiting.
+    """
+    global _WORKER
+    result: dict = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the main thread
+            result["error"] = e
+        finally:
+            done.set()
+
+    _WORKER = threading.Thread(target=work, name="jaxdiff-generate", daemon=True)
+    _WORKER.start()
+    while not done.wait(0.2):
+        pass
+    _WORKER = None
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """Holds SIGINT / SIGTERM until the block ends, then acts on them (short blocks only: file writes)."""
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _progress_bar(total: int, *, quiet: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="image", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+# -- convert ---------------------------------------------------------------------------------------------
+
+def register_convert(sub) -> None:
+    p = sub.add_parser("convert", help="read a diffusers or jaxdiff folder, write jaxdiff's native format")
+    p.add_argument("src", help="diffusers folder (with model_index.json) or jaxdiff folder")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="param dtype to store")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args) -> None:
+    if not Path(args.src).exists():
+        raise UsageError(f"{args.src}: no such file or folder")
+    pipe = _load(Path(args.src), args.dtype)
     pipe.save(args.dst)
     print(f"wrote {args.dst}")
 
 
+# -- entry point -----------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxdiff", description="Stable Diffusion in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    conv = sub.add_parser("convert", help="read a diffusers or jaxdiff folder, write jaxdiff's native format")
-    conv.add_argument("src", help="diffusers folder (with model_index.json) or jaxdiff folder")
-    conv.add_argument("dst", help="output folder (written atomically)")
-    conv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                      help="param dtype to store")
-    conv.set_defaults(run=_convert)
+    register_generate(sub)
+    register_convert(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so `finally` blocks remove temp files as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxdiff.errors import JaxdiffError
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        from jaxdiff.errors import JaxdiffError
         args.run(args)
-    except JaxdiffError as e:
-        print(f"jaxdiff: error: {e}", file=sys.stderr)
+    except (UsageError, JaxdiffError) as e:
+        print(f"jaxdiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("jaxdiff: interrupted", file=sys.stderr)
-        return 130
+        return _stop("interrupted", 130)
+    except _Terminated:
+        return _stop("terminated", 128 + signal.SIGTERM)
     return 0
+
+
+def _stop(what: str, code: int) -> int:
+    print(f"jaxdiff: {what}", file=sys.stderr)
+    if _WORKER is not None and _WORKER.is_alive():
+        # XLA is still running the interrupted batch; interpreter shutdown would wait for it. Temp files
+        # are already gone (the `finally` blocks ran on the way here), so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""`jaxdiff generate` / `convert` as a user runs them: `python -m jaxdiff ...` in a subprocess on a tiny
+random SD1 folder. PNGs carry A1111's parameters chunk, errors are one line with exit 2, Ctrl-C leaves
+no partial file, outputs are never overwritten. Argument errors that need no model run in-process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff import cli, images
+from jaxdiff.samplers import resolve, sampler_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxdiff", *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc_or_pair, *fragments):
+    rc, err = proc_or_pair if isinstance(proc_or_pair, tuple) else (proc_or_pair.returncode, proc_or_pair.stderr)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("jaxdiff: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def main_in_process(capsys, *argv):
+    """cli.main in this process (no model load happens on these paths); returns (exit code, stderr)."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+# -- images.py ------------------------------------------------------------------------------------------
+
+def test_parameters_text_is_a1111_format():
+    text = images.parameters_text("a red panda", "blurry", steps=25, sampler="dpmpp_2m", schedule="karras",
+                                  guidance_scale=7.5, seed=1234, width=512, height=768, model="sd15",
+                                  extra={"Denoising strength": 0.75, "Clip skip": None})
+    assert text == ("a red panda\nNegative prompt: blurry\nSteps: 25, Sampler: DPM++ 2M, Schedule type: Karras, "
+                    "CFG scale: 7.5, Seed: 1234, Size: 512x768, Model: sd15, Denoising strength: 0.75")
+    # No negative prompt: A1111 leaves the line out; values holding separators are quoted.
+    text = images.parameters_text("p", "", steps=2, sampler="euler_ancestral", schedule=None, guidance_scale=5,
+                                  seed=0, width=8, height=8, model="a, b")
+    assert text == 'p\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 0, Size: 8x8, Model: "a, b"'
+
+
+def test_every_sampler_and_schedule_display_name_resolves_back():
+    assert set(images.SAMPLER_DISPLAY) == set(sampler_names())
+    for name, display in images.SAMPLER_DISPLAY.items():
+        assert resolve(display)[0] == name, display
+    for schedule, display in images.SCHEDULE_DISPLAY.items():
+        assert resolve("euler", display)[1] == schedule, display
+
+
+def test_write_png_atomic_numbering_and_chunk(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    (tmp_path / "00041-7.png").write_bytes(b"someone else's file")
+    a = images.write_png(tmp_path, img, "p\nSteps: 1", seed=7)
+    b = images.write_png(tmp_path, img, "q\nSteps: 1", seed=7, index=41)  # taken index is skipped
+    assert (a.name, b.name) == ("00042-7.png", "00043-7.png")
+    assert (tmp_path / "00041-7.png").read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00041-7.png", "00042-7.png", "00043-7.png"]
+    with Image.open(a) as im:
+        np.testing.assert_array_equal(np.asarray(im), img)
+        assert im.text["parameters"] == "p\nSteps: 1"
+    # Non-latin-1 prompts go to an iTXt chunk and read back the same.
+    c = images.write_png(tmp_path, img, "パンダ\nSteps: 1", seed=7)
+    assert images.read_parameters(c) == "パンダ\nSteps: 1"
+
+
+def test_read_image_and_mask(tmp_path):
+    rgba = np.zeros((20, 12, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "i.png")
+    img = images.read_image(tmp_path / "i.png")
+    assert img.shape == (20, 12, 3) and img.dtype == np.uint8 and img[0, 0].tolist() == [200, 0, 0]
+    assert images.read_image(tmp_path / "i.png", (16, 8)).shape == (16, 8, 3)
+    mask = np.zeros((20, 12), np.uint8)
+    mask[:, 6:] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "m.png")
+    m = images.read_mask(tmp_path / "m.png", (20, 12))
+    assert m.dtype == np.float32 and m[:, :6].max() == 0.0 and m[:, 6:].min() == 1.0
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(images.ImageError, match="bad.png: cannot read the init image"):
+        images.read_image(tmp_path / "bad.png")
+
+
+# -- errors that need no model ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["generate", "p", "--height", "30"], ["--height", "multiple of 8", "try 24"]),
+    (["generate", "p", "--steps", "0"], ["--steps", ">= 1"]),
+    (["generate", "p", "--strength", "1.5"], ["--strength", "(0, 1]"]),
+    (["generate", "p", "--strength", "0"], ["--strength", "(0, 1]"]),
+    (["generate", "p", "--seed", "x"], ["--seed", "integer"]),
+    (["generate", "p", "--dtype", "int8"], ["--dtype", "invalid choice"]),
+    (["generate", "p", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["frobnicate"], ["invalid choice"]),
+    (["generate", "p"], ["pass --model"]),  # no bundled demo model yet
+    (["generate", "--model", "{tmp}"], ["no prompt"]),
+    (["generate", "p", "--model", "{tmp}/nope"], ["nope: model not found"]),
+    (["generate", "p", "--model", "{tmp}", "--prompts-file", "{tmp}/none.txt"], ["prompts file not found"]),
+    (["generate", "p", "--model", "{tmp}", "--init-image", "{tmp}/none.png"], ["--init-image file not found"]),
+    (["generate", "p", "--model", "{tmp}", "--init-image", "{tmp}", "--mask", "{tmp}/m.png"],
+     ["--init-image file not found"]),
+    (["generate", "p", "--model", "{tmp}", "--mask", "{tmp}/m.png"], ["--mask needs --init-image"]),
+    (["generate", "p", "--model", "{tmp}", "--height", "32"], ["both --height and --width"]),
+    (["generate", "p", "--model", "{tmp}", "--sampler", "nonsense"], ["unknown sampler", "dpmpp_2m", "euler"]),
+    (["generate", "p", "--model", "{tmp}", "--schedule", "wobbly"], ["unknown schedule", "karras"]),
+    (["generate", "p", "--model", "{tmp}", "--sampler", "DPM++ 2M Karras", "--schedule", "exponential"],
+     ["implies schedule"]),
+    (["convert", "{tmp}/nope", "{tmp}/out"], ["nope: no such file or folder"]),
+    (["convert", "{tmp}", "{tmp}/out"], ["not a model folder"]),
+])
+def test_bad_command_lines_give_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert_one_line_error(main_in_process(capsys, *argv), *fragments)
+
+
+# -- end to end on a tiny model ----------------------------------------------------------------------------
+# Every run uses 32x32 images, 2 steps and batches of 2, so they share one compiled program through the
+# compilation cache that the first run fills (the runs are subprocesses).
+
+GEN = ["--height", 32, "--width", 32, "--steps", 2, "--batch", 2, "--sampler", "Euler a", "--seed", 7,
+       "--negative", "blurry", "--guidance", 5, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, subprocess env): a tiny SD1 written by diffusers, one CPU device, a shared cache."""
+    from tests import tiny_pipelines
+    root = tmp_path_factory.mktemp("cli")
+    tiny_pipelines.sd1(root / "sd1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXDIFF_CACHE=str(root / "xla"))
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return root / "sd1", env
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, tmp_path_factory):
+    """Two prompts (one from the command line, one from a file), two images each, in two batches."""
+    model, env = tiny
+    out = tmp_path_factory.mktemp("out")
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("\n  \na cat, sitting\n")  # blank lines are skipped
+    proc = run_cli("generate", "a red panda", "--prompts-file", prompts, "--model", model, "--out", out,
+                   "--images-per-prompt", 2, *GEN, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_generate_writes_pngs_with_a1111_parameters(first_run):
+    out, files = first_run
+    assert sorted(files) == ["00000-7.png", "00001-7.png", "00002-7.png", "00003-7.png"]
+    pixels = []
+    for i, name in enumerate(sorted(files)):
+        with Image.open(out / name) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+            pixels.append(np.asarray(im))
+            prompt = "a red panda" if i < 2 else "a cat, sitting"
+            assert im.text["parameters"] == (
+                f"{prompt}\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, Schedule type: Karras, "
+                f"CFG scale: 5, Seed: 7, Size: 32x32, Model: sd1, Seed index: {i}")
+    # Each image has its own noise stream (seed 7, index i): no two are the same.
+    assert all(not np.array_equal(pixels[i], pixels[j]) for i in range(4) for j in range(i))
+
+
+def test_images_match_the_library_request(first_run, tiny):
+    """The CLI's image i is image i of the library request over all prompts: (seed, index i), whatever --batch."""
+    out, files = first_run
+    model, _ = tiny
+    import jax
+    import jaxdiff
+    from jaxdiff import sharding
+    pipe = jaxdiff.load(model)
+    got = pipe("a cat, sitting", "blurry", num_images_per_prompt=2, height=32, width=32, steps=2,
+               sampler="euler_ancestral", schedule="karras", guidance_scale=5.0, seed=7, indices=[2, 3],
+               mesh=sharding.make_mesh(jax.devices()[:1]))
+    for row, name in zip(got.images, ("00002-7.png", "00003-7.png")):
+        with Image.open(out / name) as im:
+            np.testing.assert_array_equal(np.asarray(im), row)
+
+
+def test_rerun_never_overwrites_and_ctrl_c_leaves_only_whole_files(first_run, tiny):
+    """A second run into the same folder continues the numbering (the first run's files untouched, its
+    first image reproduced exactly); Ctrl-C mid-run exits 130 with one line and leaves only whole PNGs."""
+    out, before = first_run
+    model, env = tiny
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdiff", "generate", "a red panda", "--model", str(model),
+                             "--out", str(out), "--images-per-prompt", "60", *map(str, GEN)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "00004-7.png").exists():  # first new image written: the run is mid-way
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no image within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["jaxdiff: interrupted"]
+
+    names = sorted(p.name for p in out.iterdir())
+    assert all(n.endswith(".png") and not n.startswith(".") for n in names), names  # no temp files
+    new = names[4:]
+    assert names[:4] == sorted(before) and 1 <= len(new) < 60, names  # interrupted before the end
+    assert new == [f"{4 + i:05d}-7.png" for i in range(len(new))]
+    for name, data in before.items():
+        assert (out / name).read_bytes() == data
+    for name in new:  # every file present is a whole PNG with its parameters
+        with Image.open(out / name) as im:
+            im.load()
+            assert "Seed index:" in im.text["parameters"]
+    with Image.open(out / "00000-7.png") as a, Image.open(out / "00004-7.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same prompt, seed and index 0
