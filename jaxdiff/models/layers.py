@@ -98,6 +98,27 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, statistics in float32 (flax's LayerNorm promotes
+    bf16 with float32 implicitly, which strict dtype promotion refuses). Params: `scale`, `bias` [C]."""
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + jnp.float32(self.epsilon))
+        bshape = (1,) * (x.ndim - 1) + (c,)
+        y = y * scale.astype(jnp.float32).reshape(bshape) + bias.astype(jnp.float32).reshape(bshape)
+        return y.astype(self.dtype)
+
+
 def conv2d(features: int, kernel: int, name: str, dtype, param_dtype, *, stride: int = 1,
           padding=None, use_bias: bool = True) -> nn.Conv:
     """A torch-style Conv2d: symmetric padding kernel//2 unless given, cross-correlation, NHWC."""
@@ -265,8 +286,7 @@ class BasicTransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast,
                     implementation=self.implementation, **kw)
-        # torch LayerNorm: eps 1e-5, biased variance computed as E[(x - mean)^2].
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name, **kw)
+        norm = lambda name: LayerNorm(1e-5, name=name, **kw)
         x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
         x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
         h = norm("norm3")(x)

@@ -234,11 +234,12 @@ class UNet2DConditionModel(nn.Module):
 
 
 def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] = None,
-                   width: Optional[int] = None, seq_len: int = 77, text_embeds_dim: int = 1280):
+                   width: Optional[int] = None, seq_len: int = 77, text_embeds_dim: Optional[int] = None):
     """Zero inputs of the right shapes for `init` / `jax.eval_shape`: (sample, t, context, added_cond).
 
     SDXL-style configs get `text_embeds` [B, text_embeds_dim] and as many time ids as make up
-    projection_class_embeddings_input_dim (6 for SDXL base, 5 for the refiner).
+    projection_class_embeddings_input_dim (6 for SDXL base, 5 for the refiner). text_embeds_dim=None
+    means 1280 (OpenCLIP-bigG's pooled width) when that fits the config, else whatever leaves 6 ids.
     """
     c = config
     h = height or c.sample_size or 2 ** c.levels
@@ -248,7 +249,14 @@ def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] 
     context = jnp.zeros((batch, seq_len, c.cross_attention_dims[0]), jnp.float32)
     added = {}
     if c.addition_embed_type == "text_time":
-        n_ids = (c.projection_class_embeddings_input_dim - text_embeds_dim) // c.addition_time_embed_dim
+        total, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
+        if text_embeds_dim is None:
+            fits = total > 1280 and (total - 1280) % per_id == 0
+            text_embeds_dim = 1280 if fits else total - 6 * per_id
+        n_ids, rest = divmod(total - text_embeds_dim, per_id)
+        if rest or n_ids < 1 or text_embeds_dim < 1:
+            raise ValueError(f"text_embeds_dim={text_embeds_dim} does not fit projection_class_embeddings_input_dim="
+                             f"{total} with {per_id} features per time id")
         added["text_embeds"] = jnp.zeros((batch, text_embeds_dim), jnp.float32)
         added["time_ids"] = jnp.zeros((batch, n_ids), jnp.float32)
     if c.class_embed_type is not None or c.num_class_embeds is not None:
