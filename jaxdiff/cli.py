@@ -340,7 +340,7 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         from jaxdiff.errors import JaxdiffError
         args.run(args)
@@ -351,6 +351,8 @@ def main(argv=None) -> int:
         return _stop("interrupted", 130)
     except _Terminated:
         return _stop("terminated", 128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (tests, notebooks)
     return 0
 
 

@@ -256,3 +256,51 @@ def test_rerun_never_overwrites_and_ctrl_c_leaves_only_whole_files(first_run, ti
     for old, new_ in (("00000-7.png", "00004-7.png"), ("00001-7.png", "00005-7.png")):
         with Image.open(out / old) as a, Image.open(out / new_) as b:  # same prompt, seed and index
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_signals_wait_for_a_file_write_to_finish():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli._deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler would have run by now without the deferral
+            done.append(True)
+    assert done == [True]
+
+
+SLOW_FAKE = """
+import os, signal, sys, time, numpy as np
+from jaxdiff import cli
+from jaxdiff.pipeline import GenerationOutput
+
+class Slow:  # one quick batch, then a batch as long as a big XLA call, deaf to signals as C++ code is
+    def generate_batches(self, prompt, **kw):
+        yield GenerationOutput(images=np.zeros((1, 8, 8, 3), np.uint8), latents=None, indices=np.arange(1))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        time.sleep(120)
+        yield GenerationOutput(images=np.zeros((1, 8, 8, 3), np.uint8), latents=None, indices=np.arange(1, 2))
+
+cli._load = lambda path, dtype: Slow()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_during_a_long_batch_exits_at_once(tmp_path, sig, code, word):
+    """SIGTERM / Ctrl-C while the main thread waits on a long batch: exits within seconds with one line,
+    the finished image kept, nothing half-written (a stand-in pipeline sleeps like a long XLA call)."""
+    (tmp_path / "model").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FAKE, "generate", "p", "--model", str(tmp_path / "model"),
+                             "--out", str(tmp_path / "out"), "--images-per-prompt", "2", "--no-compile-cache",
+                             "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "00000-0.png").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.02)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, "the signal waited for the batch"
+    assert proc.returncode == code and err.strip() == f"jaxdiff: {word}", err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-0.png"]
