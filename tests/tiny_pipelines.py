@@ -109,3 +109,23 @@ def sd1_inpaint(folder: Path):
     pipe = StableDiffusionInpaintPipeline(**base.components)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def sdxl_refiner(folder: Path):
+    """SDXL refiner style: only the second (projected) encoder, context 32, 5 time ids (original size,
+    crop, aesthetic score), saved as StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8, norm_num_groups=8).eval()
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae(0.13025), text_encoder=None, tokenizer=None,
+        text_encoder_2=text_encoder(projection=True, act="gelu", legacy_eos=False), tokenizer_2=tokenizer("!"),
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(STOCK_SCHEDULER),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
