@@ -98,29 +98,33 @@ def register_generate(sub) -> None:
     p = sub.add_parser("generate", help="text-to-image, img2img and inpainting; writes PNGs",
                        description="Generate images. Each PNG carries its parameters in A1111's "
                                    "'parameters' text chunk.")
-    p.add_argument("prompt", nargs="*", help="one or more prompts (each is its own request)")
+    p.add_argument("prompt", nargs="*", help="one or more prompts")
     p.add_argument("--prompts-file", metavar="FILE", help="more prompts, one per line (blank lines skipped)")
-    p.add_argument("--model", metavar="PATH", help="diffusers folder or jaxdiff folder (default: the "
-                                                   "bundled demo model)")
+    p.add_argument("--model", metavar="PATH",
+                   help="diffusers folder or jaxdiff folder (default: the bundled demo model)")
     p.add_argument("--out", metavar="DIR", default="out", help="output folder (default: ./out)")
-    p.add_argument("--negative", metavar="TEXT", help="negative prompt (default: none; SDXL then uses zeros "
-                                                      "as diffusers does)")
-    p.add_argument("--height", metavar="H", type=_multiple_of_8, help="pixels, multiple of 8 (default: the init "
-                                                          "image's size, else the model's)")
-    p.add_argument("--width", metavar="W", type=_multiple_of_8, help="pixels, multiple of 8")
+    p.add_argument("--negative", metavar="TEXT",
+                   help="negative prompt (default: none; SDXL then uses zeros, as diffusers does)")
+    p.add_argument("--height", metavar="H", type=_multiple_of_8,
+                   help="pixels, a multiple of 8 (default: the init image's size, else the model's)")
+    p.add_argument("--width", metavar="W", type=_multiple_of_8, help="pixels, a multiple of 8")
     p.add_argument("--steps", metavar="N", type=_int_at_least(1), default=25, help="sampler steps (default 25)")
-    p.add_argument("--sampler", metavar="NAME", default="dpmpp_2m", help="any name or alias: dpmpp_2m, 'DPM++ 2M Karras', "
-                                                          "'Euler a', EulerDiscreteScheduler, ...")
-    p.add_argument("--schedule", metavar="NAME", default="karras", help="karras, normal, exponential, sgm_uniform, ays, "
-                                                         "... or 'automatic' (the model's own)")
-    p.add_argument("--guidance", metavar="G", type=_float_in(0.0, 100.0), default=7.5, help="CFG scale (default 7.5)")
+    p.add_argument("--sampler", metavar="NAME", default="dpmpp_2m",
+                   help="any name or alias: dpmpp_2m, 'DPM++ 2M Karras', 'Euler a', EulerDiscreteScheduler, ...")
+    p.add_argument("--schedule", metavar="NAME",
+                   help="karras (default, unless the sampler name implies one), normal, exponential, "
+                        "sgm_uniform, ays, ..., or automatic (the model scheduler's own)")
+    p.add_argument("--guidance", metavar="G", type=_float_in(0.0, 100.0), default=7.5,
+                   help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--guidance-rescale", metavar="R", type=_float_in(0.0, 1.0), default=0.0,
-                   help="rescale CFG output toward the conditional std (zero-SNR models; default 0)")
+                   help="CFG rescale in [0, 1] for zero-terminal-SNR models (default 0)")
     p.add_argument("--clip-skip", metavar="N", type=_int_at_least(1), default=1,
                    help="A1111's 'Clip skip': condition on the N-th last CLIP layer; 1 (default) is the "
                         "last layer, 2 the penultimate (diffusers' clip_skip=1)")
-    p.add_argument("--seed", metavar="S", type=_seed, default=0, help="image i of a prompt uses (SEED, i) (default 0)")
-    p.add_argument("--batch", metavar="N", type=_int_at_least(1), default=1, help="images per pipeline call (default 1)")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0,
+                   help="image i of the run (prompts in order, --images-per-prompt each) uses (S, i) (default 0)")
+    p.add_argument("--batch", metavar="N", type=_int_at_least(1), default=1,
+                   help="images per compiled call (default 1)")
     p.add_argument("--images-per-prompt", metavar="N", type=_int_at_least(1),
                    help="images for each prompt (default: --batch)")
     p.add_argument("--init-image", metavar="FILE", help="img2img / inpainting source image")
@@ -133,7 +137,7 @@ def register_generate(sub) -> None:
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
                    help="do not use the compilation cache")
     p.add_argument("--gather", choices=("host0", "local"), default="host0",
-                   help="multi-host: host 0 writes every image, or each host writes its own rows")
+                   help="multi-host: host 0 writes every image (default), or each host writes its own")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_generate)
 
@@ -184,7 +188,9 @@ def _generate(args) -> None:
     # Heavy imports only now that the command line is known to be good.
     from jaxdiff import images
     from jaxdiff.samplers import resolve
-    sampler, schedule = resolve(args.sampler, None if args.schedule.lower() == "automatic" else args.schedule)
+    sampler, schedule = resolve(args.sampler, args.schedule)  # "automatic" resolves to None
+    if args.schedule is None and schedule is None:
+        schedule = "karras"  # the library's default; a name like "DPM++ 2M Exponential" implies its own
     size = (args.height, args.width) if args.height is not None else None
     init = mask = None
     if args.init_image is not None:
@@ -231,7 +237,7 @@ def _generate(args) -> None:
     finally:
         bar.close()
     if written:
-        print(f"wrote {len(written)} image(s) to {args.out}", file=sys.stderr)
+        print(f"wrote {len(written)} image(s) to {args.out}")
 
 
 def _round8(size: tuple[int, int]) -> tuple[int, int]:

@@ -53,7 +53,8 @@ def test_parameters_text_is_a1111_format():
     # No negative prompt: A1111 leaves the line out; values holding separators are quoted.
     text = images.parameters_text("p", "", steps=2, sampler="euler_ancestral", schedule=None, guidance_scale=5,
                                   seed=0, width=8, height=8, model="a, b")
-    assert text == 'p\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 0, Size: 8x8, Model: "a, b"'
+    assert text == ('p\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 0, Size: 8x8, '
+                    'Model: "a, b"')
 
 
 def test_every_sampler_and_schedule_display_name_resolves_back():
@@ -156,10 +157,11 @@ def test_inpaint_flags_reach_the_library(tmp_path, capsys, monkeypatch):
     (tmp_path / "model").mkdir()
     fake = _FakePipeline()
     monkeypatch.setattr(cli, "_load", lambda path, dtype: fake)
-    rc, err = main_in_process(capsys, "generate", "a door", "--model", tmp_path / "model", "--out", tmp_path / "out",
-                              "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
-                              "--height", 24, "--width", 40, "--clip-skip", 2, "--sampler", "DPM++ 2M SDE",
-                              "--schedule", "exponential", "--no-compile-cache", "--quiet", "--images-per-prompt", 3,
+    rc, err = main_in_process(capsys, "generate", "a door", "--model", tmp_path / "model",
+                              "--out", tmp_path / "out", "--init-image", tmp_path / "init.png",
+                              "--mask", tmp_path / "mask.png", "--height", 24, "--width", 40, "--clip-skip", 2,
+                              "--sampler", "DPM++ 2M SDE", "--schedule", "exponential", "--no-compile-cache",
+                              "--quiet", "--images-per-prompt", 3,
                               "--batch", 2, "--gather", "local", "--dtype", "bfloat16")
     assert rc == 0, err
     kw = fake.kwargs
@@ -285,7 +287,8 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"),
+                                              (signal.SIGINT, 130, "interrupted")])
 def test_signal_during_a_long_batch_exits_at_once(tmp_path, sig, code, word):
     """SIGTERM / Ctrl-C while the main thread waits on a long batch: exits within seconds with one line,
     the finished image kept, nothing half-written (a stand-in pipeline sleeps like a long XLA call)."""
