@@ -208,6 +208,7 @@ def _generate(args) -> None:
     if args.compile_cache is not None:
         generation.enable_compilation_cache(args.compile_cache)
     pipe = _load(model_path, args.dtype)
+    _check_clip_skip(pipe, args.clip_skip)
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
@@ -238,6 +239,17 @@ def _generate(args) -> None:
         bar.close()
     if written:
         print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _check_clip_skip(pipe, n: int) -> None:
+    """--clip-skip counts as A1111 does (1 = no skip), the library as diffusers (0 = no skip): say which."""
+    from jaxdiff.errors import JaxdiffError
+    from jaxdiff.prompts import check_clip_skip
+    try:
+        check_clip_skip(pipe, n - 1)
+    except JaxdiffError as e:
+        raise UsageError(f"--clip-skip {n} is too deep for this model: {e} (library clip_skip = --clip-skip - 1)"
+                         ) from None
 
 
 def _round8(size: tuple[int, int]) -> tuple[int, int]:

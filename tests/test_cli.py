@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,6 +136,8 @@ class _FakePipeline:
 
     def __init__(self):
         self.kwargs = None
+        self.text_encoder, self.text_encoder_2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)), None
+        self.unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type=None))
 
     def generate_batches(self, prompt, **kwargs):
         from jaxdiff.pipeline import GenerationOutput
@@ -175,6 +178,15 @@ def test_inpaint_flags_reach_the_library(tmp_path, capsys, monkeypatch):
     assert images.read_parameters(files[2]) == (
         "a door\nSteps: 25, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 7.5, Seed: 0, "
         "Size: 40x24, Model: model, Denoising strength: 1.0, Clip skip: 2, Seed index: 2")
+
+
+def test_clip_skip_beyond_the_encoder_names_the_flag(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(cli, "_load", lambda path, dtype: _FakePipeline())
+    assert_one_line_error(main_in_process(capsys, "generate", "p", "--model", tmp_path / "model", "--clip-skip", 3,
+                                          "--no-compile-cache", "--out", tmp_path / "out"),
+                          "--clip-skip 3 is too deep", "2-layer")
+    assert not (tmp_path / "out").exists()
 
 
 # -- end to end on a tiny model ----------------------------------------------------------------------------
