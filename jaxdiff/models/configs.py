@@ -195,7 +195,8 @@ class UNetConfig:
     fields take an int or one value per level, like diffusers.
 
     Heads: diffusers' `attention_head_dim` is really the NUMBER of heads per level (its config misnames
-    it; see diffusers issue 2011): heads = num_attention_heads or attention_head_dim, and head width =
+    it; see diffusers issue 2011): diffusers resolves heads = num_attention_heads or attention_head_dim,
+    and refuses a non-null num_attention_heads itself, so heads = attention_head_dim and head width =
     channels // heads. `heads_per_level` resolves that; up blocks use the levels reversed.
 
     Implemented embeddings: sinusoidal timestep (`flip_sin_to_cos`, `freq_shift`) -> time_embedding;
@@ -203,7 +204,7 @@ class UNetConfig:
     "projection", "simple_projection" (labels come in `added_cond["class_labels"]`);
     `addition_embed_type` "text_time" (SDXL: pooled text + sinusoidal embedding of the 6 or 5 time ids).
     """
-    sample_size: int | None = None              # default latent side (64 SD1, 96 SD2-768, 128 SDXL); metadata
+    sample_size: int | tuple[int, int] | None = None   # default latent size (64 SD1, 96 SD2-768, 128 SDXL)
     in_channels: int = 4                           # 9 for inpainting (latents + mask + masked-image latents)
     out_channels: int = 4
     center_input_sample: bool = False              # sample -> 2 * sample - 1 before conv_in
@@ -221,7 +222,6 @@ class UNetConfig:
     cross_attention_dim: int | tuple[int, ...] = 1280   # context width (768 SD1, 1024 SD2, 2048 SDXL)
     transformer_layers_per_block: int | tuple[int, ...] = 1   # BasicTransformerBlocks per Transformer2D
     attention_head_dim: int | tuple[int, ...] = 8    # = heads per level (diffusers' misnomer, above)
-    num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False            # proj_in/out as Linear (SD2, SDXL) instead of 1x1 conv
     upcast_attention: bool | None = False       # scores + softmax in float32 (SD2.1); null = False
     class_embed_type: str | None = None
@@ -246,7 +246,7 @@ class UNetConfig:
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
             raise ValueError(f"mid_block_type={self.mid_block_type!r} is not implemented")
         for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                     "attention_head_dim", "num_attention_heads"):
+                     "attention_head_dim"):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 _per_level(value, levels, name)
@@ -279,8 +279,7 @@ class UNetConfig:
     @property
     def heads_per_level(self) -> tuple[int, ...]:
         """Attention heads per level, resolved exactly as diffusers does (see the class docstring)."""
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return _per_level(heads, self.levels, "attention heads")
+        return _per_level(self.attention_head_dim, self.levels, "attention heads")
 
     @property
     def layers_per_level(self) -> tuple[int, ...]:
@@ -338,6 +337,8 @@ class UNetConfig:
                 "addition_embed_type": (None, "text_time"),
                 "class_embed_type": (None, "timestep", "identity", "projection", "simple_projection"),
                 "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
+                # diffusers 0.42 itself raises on a non-null value (the heads naming issue above).
+                "num_attention_heads": (None,),
             })
 
     @classmethod

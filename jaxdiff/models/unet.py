@@ -116,11 +116,14 @@ class UNet2DConditionModel(nn.Module):
       dtype: compute dtype (activations, matmuls); norms and sinusoids run in float32 regardless.
       param_dtype: dtype params are created in by `init` (converted checkpoints keep their own).
       attention_implementation: kernel name for models.attention.attention ("xla" today).
+      remat: recompute each down / mid / up block in the backward pass (gradient checkpointing):
+        activation memory of one block instead of all, for ~1/3 more compute. Params are unchanged.
     """
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_implementation: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -164,15 +167,20 @@ class UNet2DConditionModel(nn.Module):
             x = 2 * x - 1
         x = conv2d(c.block_out_channels[0], 3, "conv_in", **kw)(x)
 
+        # nn.remat keeps module names (and so param paths); upsample_size (arg 5 counting self) is static.
+        down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
+        if self.remat:
+            down_cls, mid_cls, up_cls = nn.remat(DownBlock), nn.remat(MidBlock), nn.remat(UpBlock, static_argnums=(5,))
+
         # --- down ---
         skips = [x]
         for i in range(c.levels):
-            x, res = DownBlock(level=i, cross_attention=c.has_cross_attention_down[i],
+            x, res = down_cls(level=i, cross_attention=c.has_cross_attention_down[i],
                                add_downsample=i < c.levels - 1, name=f"down_blocks_{i}", **blocks)(x, emb, context)
             skips.extend(res)
 
         if c.mid_block_type is not None:
-            x = MidBlock(level=c.levels - 1, name="mid_block", **blocks)(x, emb, context)
+            x = mid_cls(level=c.levels - 1, name="mid_block", **blocks)(x, emb, context)
 
         # --- up: block i mirrors down level n-1-i ---
         for i in range(c.levels):
@@ -181,8 +189,8 @@ class UNet2DConditionModel(nn.Module):
             res, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: x2 normally, and exactly diffusers' `upsample_size`
             # when h or w is not a multiple of 2 ** (levels - 1).
-            size = skips[-1].shape[1:3] if i < c.levels - 1 else None
-            x = UpBlock(level=level, cross_attention=c.has_cross_attention_up[i], add_upsample=i < c.levels - 1,
+            size = tuple(skips[-1].shape[1:3]) if i < c.levels - 1 else None
+            x = up_cls(level=level, cross_attention=c.has_cross_attention_up[i], add_upsample=i < c.levels - 1,
                         name=f"up_blocks_{i}", **blocks)(x, res, emb, context, size)
 
         x = GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(x)
@@ -242,8 +250,9 @@ def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] 
     means 1280 (OpenCLIP-bigG's pooled width) when that fits the config, else whatever leaves 6 ids.
     """
     c = config
-    h = height or c.sample_size or 2 ** c.levels
-    w = width or h
+    size = c.sample_size if isinstance(c.sample_size, tuple) else (c.sample_size,) * 2
+    h = height or size[0] or 2 ** c.levels
+    w = width or size[1] or h
     sample = jnp.zeros((batch, h, w, c.in_channels), jnp.float32)
     t = jnp.zeros((batch,), jnp.int32)
     context = jnp.zeros((batch, seq_len, c.cross_attention_dims[0]), jnp.float32)
