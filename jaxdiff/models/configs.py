@@ -233,6 +233,8 @@ class UNetConfig:
     mid_block_only_cross_attention: bool | None = None   # only False / None implemented
 
     def __post_init__(self):
+        # config.json may say null; the model treats it as False, and equal configs should compare equal.
+        object.__setattr__(self, "upcast_attention", bool(self.upcast_attention))
         levels = len(self.block_out_channels)
         if levels < 1:
             raise ValueError("block_out_channels must not be empty")
