@@ -296,9 +296,11 @@ def lora_state_dict(lora: Mapping[str, Mapping[str, Any]], *, style: str, alpha:
             if len(ranks) != 1:
                 raise ValueError(f"{component}: mixed ranks {sorted(ranks)} are not exported yet")
             r = ranks.pop()
-            metadata.update({f"{prefix}.r": r, f"{prefix}.lora_alpha": r,
-                             f"{prefix}.target_modules": sorted(
-                                 module_path_to_torch(p, kind=kind) for p in modules)})
+            # PEFT matches target_modules as dotted suffixes of module names; transformers 5's plain
+            # CLIPTextModel has no `text_model.` level, so the CLIP targets leave it out (the suffix
+            # still matches transformers 4's names).
+            targets = sorted(module_path_to_torch(p, kind=kind).removeprefix("text_model.") for p in modules)
+            metadata.update({f"{prefix}.r": r, f"{prefix}.lora_alpha": r, f"{prefix}.target_modules": targets})
     meta = {"format": "pt"}
     if metadata:
         meta["lora_adapter_metadata"] = json.dumps(metadata, indent=2, sort_keys=True)
