@@ -162,6 +162,28 @@ def img2img_start(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
+def build_tables(sampler: str, steps: int, config: SchedulerConfig | None = None, *, schedule: str | None = None,
+                 strength: float = 1.0, **options) -> tuple[str, Tables]:
+    """(canonical name, float64 host Tables) for one run: `make_plan` before the float32 cast (arguments as
+    there). Useful to inspect a schedule or to replay it in float64."""
+    config = config or SchedulerConfig()
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise SamplerError(f"steps must be an integer >= 1, got {steps!r}")
+    # the checkpoint's algorithm_type picks dpmpp_2m vs dpmpp_2m_sde for the class name, like diffusers
+    name, schedule = resolve(sampler, schedule, {"algorithm_type": config.default("algorithm_type"), **options})
+    spec = _REGISTRY[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise SamplerError(f"sampler {name!r} does not take option(s) {', '.join(unknown)} "
+                           f"(it takes: {', '.join(spec.options) or 'none'})")
+    start = img2img_start(int(steps), strength) if strength != 1.0 else 0
+    built = spec.build(config, int(steps), schedule, start, dict(options))
+    for col in ("t", "c_in", "inpaint_a", "inpaint_b"):
+        if col not in built.tables:
+            raise AssertionError(f"builder of {name!r} did not provide table {col!r}")
+    return name, built
+
+
 def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *, schedule: str | None = None,
               strength: float = 1.0, **options) -> Plan:
     """Build the host tables for one run.
@@ -173,23 +195,15 @@ def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *
       schedule: None (the checkpoint scheduler's own), or one of jaxdiff.schedules.SCHEDULES (A1111 and
         ComfyUI spellings accepted).
       strength: img2img strength in (0, 1]; < 1 starts part-way exactly as diffusers' img2img pipelines.
-      **options: sampler knobs (eta, s_noise, ...); each sampler lists what it accepts.
+      **options: sampler knobs (eta, s_noise, solver_order, ...); each sampler lists what it accepts.
+
+    Raises:
+      SamplerError: bad steps / strength / name / schedule / option, or a checkpoint scheduler setting that
+        changes numerics and is not implemented (e.g. DPMSolverMultistep solver_order=3).
     """
     config = config or SchedulerConfig()
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise SamplerError(f"steps must be an integer >= 1, got {steps!r}")
-    name, schedule = resolve(sampler, schedule, options)
-    spec = _REGISTRY[name]
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise SamplerError(f"sampler {name!r} does not take option(s) {', '.join(unknown)} "
-                           f"(it takes: {', '.join(spec.options) or 'none'})")
-    start = img2img_start(int(steps), strength) if strength != 1.0 else 0
-    built = spec.build(config, int(steps), schedule, start, dict(options))
+    name, built = build_tables(sampler, steps, config, schedule=schedule, strength=strength, **options)
     tables = {k: jnp.asarray(np.asarray(v, dtype=np.float64), dtype=jnp.float32) for k, v in built.tables.items()}
-    for col in ("t", "c_in", "inpaint_a", "inpaint_b"):
-        if col not in tables:
-            raise AssertionError(f"builder of {name!r} did not provide table {col!r}")
     return Plan(tables=tables, init_noise_sigma=jnp.asarray(built.init_noise_sigma, jnp.float32),
                 img2img=jnp.asarray(built.img2img, jnp.float32), kind=name,
                 prediction_type=config.prediction_type)

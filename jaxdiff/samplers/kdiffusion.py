@@ -241,9 +241,23 @@ def _build_lms(cfg, steps, schedule, start, options):
 
 
 def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
-    """DPM-Solver++(2M) as diffusers' DPMSolverMultistep (solver_order=2, midpoint) builds it."""
+    """DPM-Solver++(2M) as diffusers' DPMSolverMultistep (solver_order 1 or 2, midpoint) builds it.
+
+    solver_order comes from options, else the checkpoint's scheduler config; 3 (DPM-Solver++(3M)) is not
+    implemented and is refused rather than silently run at order 2 (it moves the result by ~3e-2).
+    """
+    name = "dpmpp_2m_sde" if sde else "dpmpp_2m"
     if cfg.default("solver_type", "midpoint") not in ("midpoint", "bh2", "logrho"):  # diffusers maps bh*/logrho
-        raise SamplerError("dpmpp_2m implements solver_type='midpoint' only")
+        raise SamplerError(f"{name} implements solver_type='midpoint' only (got "
+                           f"{cfg.default('solver_type')!r} from the scheduler config)")
+    algorithm = cfg.default("algorithm_type", "dpmsolver++")
+    if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):  # noise-prediction DPM-Solver: other formulas
+        raise SamplerError(f"{name}: algorithm_type={algorithm!r} (from the scheduler config) is not implemented; "
+                           f"only dpmsolver++ and sde-dpmsolver++ are")
+    order = options.get("solver_order", cfg.default("solver_order", 2))
+    if order not in (1, 2):
+        raise SamplerError(f"{name}: solver_order={order!r} is not implemented (1 or 2; DPM-Solver++(3M) is "
+                           f"not available); pass solver_order=2 to run the 2M solver on this checkpoint")
     tab = _table(cfg, steps, schedule, "dpm", final=True)
     s, ts = tab.sigmas, tab.timesteps
     n = len(ts)
@@ -255,7 +269,7 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     sig = s * alpha  # VP sigma
     cols = {k: [] for k in ("t", "ax", "b0", "b1", "cn", "inpaint_a", "inpaint_b")}
     for i in range(start, n):
-        first = i == start or (i == n - 1 and (euler_final or (lower_final and n < 15) or final_zero))
+        first = order == 1 or i == start or (i == n - 1 and (euler_final or (lower_final and n < 15) or final_zero))
         if sig[i + 1] == 0.0:  # to sigma 0: the limit h -> inf of both formulas is x' = D
             ax, b0, b1, cn = 0.0, 1.0, 0.0, 0.0
         else:
@@ -300,10 +314,10 @@ register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_v
          order=2, options=_NOISE_OPTS, aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"))
 register("lms", build=_build_lms, body=_lms_body, init=_lms_init,
          aliases=("LMS", "LMSDiscreteScheduler", "k_lms"))
-register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init,
+register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order",),
          aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"))
 register("dpmpp_2m_sde", build=_build_dpmpp_2m_sde, body=_dpm_body, init=_dpm_init, stochastic=True,
-         options=("s_noise",), aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"))
+         options=("s_noise", "solver_order"), aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"))
 register("dpmpp_2s_ancestral", build=_build_dpmpp_2s_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
          options=_NOISE_OPTS, aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
 register("dpmpp_sde", build=_build_dpmpp_sde, body=_ve_body, init=_ve_init, stochastic=True,
