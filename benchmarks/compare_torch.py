@@ -1,0 +1,220 @@
+"""jaxdiff vs diffusers PyTorch, side by side in one process, on the same config, weights and inputs.
+
+    python benchmarks/compare_torch.py --model sd15 --what unet --batch 2 --size 512 --repeats 3 \
+        --json benchmarks/results/cpu-2core-sd15.json
+
+Same flags as `jaxdiff bench` (jaxdiff/bench.py, which measures the JAX side here too). For a preset the
+PyTorch models are built first by diffusers / transformers from the preset's config with their own random
+init; their state dicts are converted to jaxdiff params with convert/diffusers_layout.py, so both sides
+run the very same weights. For a model folder both sides read its files. PyTorch runs in the same dtype
+with SDPA attention (diffusers' default AttnProcessor2_0, transformers' attn_implementation="sdpa"),
+under `torch.inference_mode()`, timed like the JAX side: warm-up calls, then min-of-N with device sync.
+The JAX and PyTorch runs of each case alternate, so a change in machine load hits both about alike; the
+1-minute load average is recorded with every number.
+
+Ratios: `speedup` = torch steady_s / jaxdiff steady_s (> 1: jaxdiff is faster).
+
+This file imports torch and diffusers; jaxdiff/ and convert/ never do.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from jaxdiff import bench  # noqa: E402
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_models(model: str, dtype: str) -> dict:
+    """diffusers / transformers modules for a preset (random init) or a model folder, eval mode."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from convert.export import upstream_config
+    tdtype = getattr(torch, TORCH_DTYPES[dtype])
+    if model in bench.PRESETS:
+        nets = {}
+        for name, cfg in bench.preset_configs(model).items():
+            fields = dataclasses.asdict(cfg)
+            if name == "unet":
+                nets[name] = UNet2DConditionModel(**fields)
+            elif name == "vae":
+                nets[name] = AutoencoderKL(**{k: v for k, v in upstream_config("AutoencoderKL", fields).items()
+                                              if not k.startswith("_")})
+            else:
+                hf = HFCLIPTextConfig(**{k: v for k, v in fields.items() if k != "with_projection"},
+                                      attn_implementation="sdpa")
+                nets[name] = (CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel)(hf)
+    else:
+        root = Path(model)
+        nets = {"unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+                "vae": AutoencoderKL.from_pretrained(root, subfolder="vae")}
+        for name in ("text_encoder", "text_encoder_2"):
+            if (root / name).is_dir():
+                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+                nets[name] = cls.from_pretrained(root, subfolder=name, attn_implementation="sdpa")
+    return {k: v.to(tdtype).eval() for k, v in nets.items()}
+
+
+def convert_params(nets: dict, configs: dict) -> dict:
+    """torch state dicts -> jaxdiff param trees, strictly (every tensor used, every param filled)."""
+    from convert.diffusers_layout import convert_state_dict
+    from jaxdiff import components
+    kinds = {"unet": components.UNET, "vae": components.VAE_KIND,
+             "text_encoder": components.CLIP, "text_encoder_2": components.CLIP}
+    params = {}
+    for name, net in nets.items():
+        kind = kinds[name]
+        tensors = kind.canonical_keys({k: v.detach().float().numpy() for k, v in net.state_dict().items()})
+        params[name] = convert_state_dict(tensors, kind.param_shapes(configs[name]), source=f"torch {name}",
+                                          ignore=kind.ignore)
+    return params
+
+
+def torch_call(nets: dict, case: bench.Case, inputs: dict, pipe_torch=None):
+    """A zero-argument function running the case once in PyTorch (NCHW), and its device sync."""
+    import torch
+    dev_dtype = next(nets["unet"].parameters()).dtype
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    nchw = lambda a: t(a).permute(0, 3, 1, 2).contiguous().to(dev_dtype)
+    if case.what == "unet":
+        x, ts, ctx = nchw(inputs["x"]), t(inputs["t"]), t(inputs["context"]).to(dev_dtype)
+        added = None if inputs["added"] is None else {k: t(v).to(dev_dtype) for k, v in inputs["added"].items()}
+        return lambda: nets["unet"](x, ts, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+    if case.what == "vae_decode":
+        z = nchw(inputs["z"])
+        return lambda: nets["vae"].decode(z).sample
+    if case.what == "vae_encode":
+        images = nchw(inputs["images"])
+        return lambda: nets["vae"].encode(images).latent_dist.mean
+    if case.what == "text_encode":
+        ids = t(inputs["ids"]).long()
+        encs = [nets[n] for n in ("text_encoder", "text_encoder_2") if n in nets]
+        return lambda: [e(ids, output_hidden_states=True) for e in encs]
+    if case.what == "pipeline":
+        prompts = [f"a photograph of an astronaut riding a horse, {i}" for i in range(case.batch)]
+        return lambda: pipe_torch(prompts, height=case.height, width=case.width, num_inference_steps=case.steps,
+                                  guidance_scale=case.guidance_scale, output_type="np",
+                                  generator=torch.Generator().manual_seed(0)).images
+    raise ValueError(case.what)
+
+
+def torch_pipeline(nets: dict, model: str, sampler: str):
+    """A diffusers pipeline over the same modules (Euler; other samplers: see the note in the README)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+    if sampler not in ("euler", "Euler"):
+        raise SystemExit(f"compare_torch.py: the PyTorch pipeline runs 'euler' only, got --sampler {sampler}")
+    vocab = Path(bench.__file__).resolve().parent / "assets" / "clip_tokenizer"
+    tok = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading", use_karras_sigmas=True)
+    if "text_encoder_2" in nets:
+        tok2 = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), pad_token="!",
+                             model_max_length=77)
+        return StableDiffusionXLPipeline(vae=nets["vae"], text_encoder=nets["text_encoder"],
+                                         text_encoder_2=nets["text_encoder_2"], tokenizer=tok, tokenizer_2=tok2,
+                                         unet=nets["unet"], scheduler=sched)
+    return StableDiffusionPipeline(vae=nets["vae"], text_encoder=nets["text_encoder"], tokenizer=tok,
+                                   unet=nets["unet"], scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def time_torch(fn, warmup: int, repeats: int) -> list[float]:
+    import torch
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+            sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def compare(args, log=lambda msg: None) -> dict:
+    """Runs every case on both sides; returns the report (jaxdiff's, each result with .torch and .ratio)."""
+    import diffusers
+    import torch
+    import transformers
+    cases = bench.check_args(args)
+    bench.check_attention(args.attention)
+    log(f"building {args.model} in PyTorch ({args.dtype})")
+    nets = torch_models(args.model, args.dtype)
+    params = convert_params(nets, bench.preset_configs(args.model)) if args.model in bench.PRESETS else None
+    pipe = bench.build_pipeline(args.model, dtype=args.dtype, attention=args.attention, params=params)
+    del params
+    cases = bench.resolve_cases(cases, pipe)
+    pipe_torch = torch_pipeline(nets, args.model, args.sampler) if any(c.what == "pipeline" for c in cases) else None
+    report = None
+    for case in cases:
+        one = bench.run(args.model, [case], dtype=args.dtype, attention=args.attention, devices=args.devices,
+                        fsdp=args.fsdp, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                        compile_cache=args.compile_cache, cached_compile=args.cached_compile, pipe=pipe,
+                        log=log)
+        record = one["results"][0]
+        inputs = bench.component_inputs(pipe, case, args.seed) if case.what != "pipeline" else None
+        before = os.getloadavg()[0]
+        times = time_torch(torch_call(nets, case, inputs, pipe_torch), args.warmup, args.repeats)
+        steady = min(times)
+        calls = case.steps if case.what == "pipeline" else 1
+        record["torch"] = {"steady_s": steady, "steady_median_s": float(np.median(times)), "times_s": times,
+                           "it_per_s": calls / steady, "images_per_s": case.batch / steady,
+                           "attention": "sdpa", "threads": torch.get_num_threads(),
+                           "load_avg_1min": {"before": before, "after": os.getloadavg()[0]}}
+        record["ratio"] = {"speedup": steady / record["steady_s"],
+                           "speedup_median": record["torch"]["steady_median_s"] / record["steady_median_s"]}
+        log(f"  torch {steady:.3f} s, jaxdiff {record['steady_s']:.3f} s: speedup {record['ratio']['speedup']:.2f}x")
+        if report is None:
+            report = {k: v for k, v in one.items() if k != "results"}
+            report["versions"].update(torch=torch.__version__, diffusers=diffusers.__version__,
+                                      transformers=transformers.__version__)
+            report["results"] = []
+        report["results"].append(record)
+    return report
+
+
+HEAD = ("what", "model", "batch", "size", "dtype", "jaxdiff s", "torch s", "speedup", "jax compile s (cached)",
+        "load")
+
+
+def row(r: dict) -> tuple[str, ...]:
+    return (r["what"], r["model"], str(r["batch"]), f"{r['height']}x{r['width']}", r["dtype"],
+            f"{r['steady_s']:.3f}", f"{r['torch']['steady_s']:.3f}", f"{r['ratio']['speedup']:.2f}x",
+            f"{r['compile_s']:.1f} ({bench._fmt(r['compile_cached_s'], '.1f')})",
+            f"{r['load_avg_1min']['before']:.1f}")
+
+
+def main(argv=None) -> int:
+    from jaxdiff.cli import UsageError, _Parser
+    parser = _Parser(prog="compare_torch.py", description=__doc__.split("\n\n")[0])
+    bench.add_arguments(parser)
+    args = parser.parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        report = compare(args, log)
+    except (UsageError, ValueError) as e:
+        print(f"compare_torch.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(bench.format_table(report["results"], head=HEAD, row=row))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
