@@ -63,6 +63,9 @@ def test_bad_plans():
         smp.make_plan("euler", 4, cfg, eta=0.5)
     with pytest.raises(SamplerError, match="unknown schedule"):
         smp.make_plan("euler", 4, cfg, schedule="polyexponential")
+    # Euler churn (Karras et al. s_churn > 0) is not implemented: refused, never ignored
+    with pytest.raises(SamplerError, match="does not take option.*s_churn"):
+        smp.make_plan("euler", 4, cfg, s_churn=1.0)
 
 
 def test_plan_shapes_and_nfe():

@@ -6,6 +6,8 @@ sigma_min = 0.029 that cancellation alone is 4e-7 absolute (1.3e-5 relative); fl
 Fractional timesteps (sigma -> t for karras / exponential / beta / AYS) come from diffusers' float32 log
 sigmas; they agree within 2e-3 in t units (the UNet input changes by < 1e-5 relative, see the parity tests).
 """
+import copy
+
 import diffusers
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ import torch
 
 from jaxdiff import schedules as S
 from jaxdiff.errors import ConfigError, SamplerError
-from tests.sampler_reference import SD_CONFIG, make_scheduler
+from tests.sampler_reference import SD_CONFIG
+from tests.sampler_reference import make_scheduler as _make_scheduler
 
 STEPS = (1, 2, 3, 4, 10, 14, 15, 20, 50)
 SPACINGS = ("leading", "trailing", "linspace")
@@ -27,6 +30,24 @@ CLASSES = {
     "KDPM2DiscreteScheduler": ("kdpm2", ("default", "karras", "exponential", "beta")),
     "DPMSolverMultistepScheduler": ("dpm", ("default", "karras", "exponential", "beta")),
 }
+
+
+_KDPM2_BY_TRAINING = {}
+
+
+def make_scheduler(cls, over=None):
+    """The harness's make_scheduler, but KDPM2 (whose __init__ runs a 0.7 s-CPU set_timesteps(1000) and
+    reads nothing but the training keys) is built once per training schedule and re-configured."""
+    if cls is not diffusers.KDPM2DiscreteScheduler:
+        return _make_scheduler(cls, over)
+    cfg = {**SD_CONFIG, **(over or {})}
+    training = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    key = tuple(training.values())
+    if key not in _KDPM2_BY_TRAINING:
+        _KDPM2_BY_TRAINING[key] = _make_scheduler(cls, training)
+    sch = copy.deepcopy(_KDPM2_BY_TRAINING[key])
+    sch.register_to_config(**{k: v for k, v in cfg.items() if k in sch.config})
+    return sch
 
 
 def _cfg(**over):
