@@ -25,8 +25,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 # Sigma schedules a sampler may be asked for. "default" is the scheduler's own spacing (diffusers without
 # use_*_sigmas); None in make_plan means "whatever the checkpoint's scheduler config asks for".
-SCHEDULES = ("default", "karras", "exponential", "beta", "normal", "simple", "sgm_uniform", "ddim_uniform",
-             "ays", "ays_sd1", "ays_sdxl")
+# "beta" is diffusers' / A1111's (Beta quantiles between sigma_min and sigma_max); ComfyUI's scheduler of the
+# same name samples training timesteps instead and is "beta_comfy".
+SCHEDULES = ("default", "karras", "exponential", "beta", "beta_comfy", "normal", "simple", "sgm_uniform",
+             "ddim_uniform", "ays", "ays_sd1", "ays_sdxl")
 
 # Align Your Steps 10-step tables (Sabour et al. 2024). The first ten entries are diffusers'
 # scheduling_utils.AysSchedules["StableDiffusion{,XL}Sigmas"]; diffusers replaces the last entry (0.029,
@@ -203,7 +205,8 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray
 def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
     """[n] diffusers' use_beta_sigmas (Lee et al. 2024): Beta(0.6, 0.6) quantiles between the extremes.
 
-    ComfyUI's `beta` scheduler differs (quantiles over training timesteps, deduplicated); not implemented.
+    ComfyUI's `beta` scheduler differs (quantiles over training timesteps, deduplicated): see
+    `comfy_sigmas(..., "beta_comfy")`.
     """
     import scipy.stats  # only this schedule needs scipy
 
@@ -226,10 +229,10 @@ def ays_sigmas(model: str, steps: int) -> np.ndarray:
 
 
 def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
-    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform schedules (comfy/samplers.py), ending in 0.
+    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform / beta schedules (comfy/samplers.py), ending in 0.
 
-    ddim_uniform can return more than steps + 1 sigmas (stride T//steps from t=1): the scan length comes
-    from the table, not from `steps`.
+    ddim_uniform can return more than steps + 1 sigmas (stride T//steps from t=1) and beta_comfy fewer
+    (it drops repeated timesteps): the scan length comes from the table, not from `steps`.
     """
     sig = train_sigmas(cfg)
     log_sigmas = np.log(sig)
@@ -244,6 +247,14 @@ def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
     if schedule == "simple":
         stride = n_train / steps
         return np.array([sig[-(1 + int(x * stride))] for x in range(steps)] + [0.0])
+    if schedule == "beta_comfy":
+        # ComfyUI beta_scheduler: Beta(0.6, 0.6) quantiles of 1 - linspace(0, 1, steps, endpoint=False) as
+        # rounded training timesteps, a timestep equal to the previous one dropped (from ~200 steps on).
+        import scipy.stats  # only the beta schedules need scipy
+
+        ts = np.rint(scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * (n_train - 1))
+        keep = np.concatenate([[True], ts[1:] != ts[:-1]])
+        return np.concatenate([sig[ts[keep].astype(np.int64)], [0.0]])
     if schedule == "ddim_uniform":
         stride = max(n_train // steps, 1)
         return np.concatenate([sig[1::stride][::-1], [0.0]])

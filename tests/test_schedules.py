@@ -192,6 +192,19 @@ def test_comfy_schedules():
     ddim = S.comfy_sigmas(cfg, 7, "ddim_uniform")  # stride 142 from t=1: 8 sigmas > steps, plus 0
     np.testing.assert_allclose(ddim[:-1], sig[1::142][::-1])
     assert len(ddim) == 9
+    import scipy.stats
+    for steps, n_kept in ((10, 10), (200, 199)):  # ComfyUI beta_scheduler, transcribed loop
+        sigs, last_t = [], -1
+        for t in np.rint(scipy.stats.beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * 999):
+            if t != last_t:
+                sigs.append(sig[int(t)])
+            last_t = t
+        beta = S.comfy_sigmas(cfg, steps, "beta_comfy")
+        np.testing.assert_allclose(beta, sigs + [0.0], rtol=1e-12)
+        assert len(beta) == n_kept + 1  # 200 steps: one repeated timestep dropped
+    import jaxdiff.samplers as smp  # the scan length follows the table: 199 evaluations for 200 steps
+    assert smp.make_plan("euler", 200, cfg, schedule="beta_comfy").nfe == 199
+    assert smp.make_plan("heun", 200, cfg, schedule="beta_comfy").nfe == 2 * 199 - 1
 
 
 def test_config_parsing():
