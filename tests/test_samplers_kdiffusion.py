@@ -38,6 +38,9 @@ from jaxdiff.schedules import SchedulerConfig, resolve_schedule, sigma_table
 from tests.sampler_reference import (SD_CONFIG, GaussianDenoiser, inject_noise, jax_model, kdiffusion_model,
                                      make_noise, ref_dpmpp_2s_ancestral, ref_dpmpp_sde, run_diffusers, to_torch)
 
+# diffusers' _sigma_to_t calls np.array on torch tensors: a numpy-2 DeprecationWarning per sigma (~170k per
+# run); pytest records each one, which costs seconds.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 SHAPE = (1, 8, 8, 4)
 D = diffusers
 CLASSES = {  # ours -> (diffusers class, extra config, supports karras)
