@@ -40,7 +40,8 @@ from tests.sampler_reference import (SD_CONFIG, GaussianDenoiser, inject_noise, 
 
 # diffusers' _sigma_to_t calls np.array on torch tensors: a numpy-2 DeprecationWarning per sigma (~170k per
 # run); pytest records each one, which costs seconds.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
 SHAPE = (1, 8, 8, 4)
 D = diffusers
 CLASSES = {  # ours -> (diffusers class, extra config, supports karras)

@@ -20,7 +20,8 @@ from tests.sampler_reference import make_scheduler as _make_scheduler
 
 # diffusers' _sigma_to_t calls np.array on torch tensors: a numpy-2 DeprecationWarning per sigma (~170k per
 # run); pytest records each one, which costs seconds.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
 STEPS = (1, 2, 3, 4, 10, 14, 15, 20, 50)
 SPACINGS = ("leading", "trailing", "linspace")
 MAIN = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
