@@ -213,20 +213,20 @@ def _generate(args) -> None:
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
     total = len(texts) * per_prompt
+    bar = _ProgressBar(total, args.batch or total, quiet=args.quiet)
     batches = pipe.generate_batches(
         texts, num_images_per_prompt=per_prompt, batch_size=args.batch, negative_prompt=args.negative,
         height=None if init is not None or size is None else size[0],
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
-        gather=args.gather)
+        gather=args.gather, progress=None if args.quiet else bar.on_step)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
              "CFG rescale": args.guidance_rescale or None}
-    bar = _progress_bar(total, quiet=args.quiet)
     written = []
     try:
         while (out := _interruptible(next, batches, None)) is not None:
-            bar.update(len(out.indices))
+            bar.batch_done(len(out.indices))
             for row, index in zip(out.images if out.images is not None else (), out.indices):
                 text = images.parameters_text(
                     texts[index // per_prompt], args.negative or "", steps=args.steps, sampler=sampler,
@@ -313,9 +313,31 @@ def _deferred_signals():
             signal.raise_signal(pending[0])
 
 
-def _progress_bar(total: int, *, quiet: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="image", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+class _ProgressBar:
+    """One bar over every model evaluation of every batch, with the images finished as a postfix.
+
+    The library reports (evaluations done, per batch) from the running program; the number of batches
+    is known up front, the evaluations per batch only once the first batch reports."""
+
+    def __init__(self, images: int, batch: int, *, quiet: bool):
+        from tqdm import tqdm
+        self._bar = tqdm(total=None, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+        self._batches = -(-images // batch)
+        self._batch = 0
+        self._images = [0, images]
+
+    def on_step(self, done: int, per_batch: int) -> None:
+        self._bar.total = self._batches * per_batch
+        self._bar.n = self._batch * per_batch + done
+        self._bar.set_postfix_str(f"{self._images[0]}/{self._images[1]} images", refresh=True)
+
+    def batch_done(self, n_images: int) -> None:
+        self._batch += 1
+        self._images[0] += n_images
+        self._bar.set_postfix_str(f"{self._images[0]}/{self._images[1]} images", refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 # -- convert ---------------------------------------------------------------------------------------------

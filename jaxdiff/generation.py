@@ -23,9 +23,10 @@ arrays on the host (tests feed them to diffusers).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,30 @@ def enable_compilation_cache(path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_enable_compilation_cache", True)
+
+
+# Per-step progress. A program compiled with Spec.progress calls `_report_step(k)` on the host after model
+# evaluation k (jax.debug.callback). The callback is one fixed function, so the executable does not depend
+# on who listens; under SPMD it may fire once per device, so listeners must treat k as "at least k+1 done".
+_step_listeners: list[Callable[[int], None]] = []
+
+
+def _report_step(k) -> None:
+    for fn in list(_step_listeners):
+        fn(int(k))
+
+
+@contextlib.contextmanager
+def step_listener(fn: Callable[[int], None] | None):
+    """Within the block, `fn(k)` is called after model evaluation k of programs compiled with progress."""
+    if fn is None:
+        yield
+        return
+    _step_listeners.append(fn)
+    try:
+        yield
+    finally:
+        _step_listeners.remove(fn)
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -94,6 +119,7 @@ class Spec:
     from_image: bool             # x_T = add_noise(image latents) rather than noise * init_noise_sigma
     return_float: bool           # also return the [0, 1] float images
     latent_size: tuple[int, int]  # (h, w) of the latents
+    progress: bool = False       # report each model evaluation to the host (step_listener)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +233,8 @@ def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[st
             guided = guidance[1] * (guided * ratio) + (1.0 - guidance[1]) * guided
         return guided
 
-    x0 = sample(model_fn, x_T, plan, jax.random.fold_in(key, STEP_NOISE), inpaint=blend, sample_index=idx)
+    x0 = sample(model_fn, x_T, plan, jax.random.fold_in(key, STEP_NOISE), inpaint=blend, sample_index=idx,
+                progress=_report_step if spec.progress else None)
     decoded = m.vae.apply({"params": params["vae"]}, x0 / m.scaling_factor, method="decode")
     pixels = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     out = {"images": jnp.round(pixels * 255.0).astype(jnp.uint8), "latents": x0}

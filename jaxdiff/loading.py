@@ -23,6 +23,8 @@ from jaxdiff.tokenizer import Tokenizer
 
 NETWORKS = ("text_encoder", "text_encoder_2", "unet", "vae")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
+# model_index.json pipeline flags that change generation (see Pipeline.__init__).
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt",)
 # model_index.json entries that do not take part in generation; their folders are not read.
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
@@ -81,7 +83,8 @@ def _load_diffusers(root: Path, dtype, param_dtype) -> Pipeline:
     index = _read_json(root / "model_index.json")
     networks, tokenizers, scheduler = {}, {}, None
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[1] is None or name in UNUSED:
+        if (name.startswith("_") or name in PIPELINE_OPTIONS or not isinstance(entry, list)
+                or entry[1] is None or name in UNUSED):
             continue
         library, cls = entry
         folder = root / name
@@ -104,8 +107,9 @@ def _load_diffusers(root: Path, dtype, param_dtype) -> Pipeline:
         else:
             raise ConfigError(f"{root / 'model_index.json'}: component {name!r} ({library}.{cls}) is not "
                               f"supported by jaxdiff")
+    options = {k: index[k] for k in PIPELINE_OPTIONS if k in index}
     return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
-                               pipeline_class=index.get("_class_name"))
+                               pipeline_class=index.get("_class_name"), options=options)
 
 
 def _load_native(root: Path, dtype, param_dtype) -> Pipeline:
@@ -128,7 +132,7 @@ def _load_native(root: Path, dtype, param_dtype) -> Pipeline:
             raise CheckpointError(f"{root / checkpoint.INDEX}: unknown component {name!r} ({kind_name})")
     meta = _read_json(root / checkpoint.INDEX).get("pipeline", {})
     return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
-                               pipeline_class=meta.get("class"))
+                               pipeline_class=meta.get("class"), options=meta.get("options"))
 
 
 def _check_native(params, shapes, folder: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -115,7 +115,7 @@ class Pipeline:
             if self.scheduler_config is not None:
                 extra_json["scheduler/scheduler_config.json"] = self.scheduler_config
             checkpoint.write_folder(dst, parts, extra_dirs=tok_dirs, extra_json=extra_json,
-                                    pipeline={"class": self.pipeline_class})
+                                    pipeline={"class": self.pipeline_class, "options": self.options})
 
     # ------------------------------------------------------------------------------------ generation
     @property
@@ -150,7 +150,8 @@ class Pipeline:
                  negative_target_size: tuple[int, int] | None = None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                  sampler_options: Mapping[str, Any] | None = None, gather: str = "all", mesh=None,
-                 return_float: bool = False) -> GenerationOutput:
+                 return_float: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> GenerationOutput:
         """Generate images: txt2img, img2img (`image`), inpainting (`image` + `mask`).
 
         Args:
@@ -181,6 +182,8 @@ class Pipeline:
             process its own rows; see GenerationOutput.indices).
           mesh: a jaxdiff.sharding mesh (default: all devices).
           return_float: also return the float images in [0, 1] (GenerationOutput.pixels).
+          progress: called on the host as (model evaluations done, total) while the program runs; a
+            program compiled with progress differs from one without (one more compile).
 
         Raises:
           JaxdiffError (SamplerError for sampler problems) with a one-line message.
@@ -275,11 +278,12 @@ class Pipeline:
         spec = generation.Spec(mode=mode, cfg=cfg, rescale=cfg and float(guidance_rescale) > 0.0,
                                zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                                from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                               return_float=return_float, latent_size=(h, w))
+                               return_float=return_float, latent_size=(h, w), progress=progress is not None)
         runner = self.runner(mesh)
-        out, n = runner(spec, inputs, plan, generation.request_key(seed),
-                        np.array([guidance_scale, guidance_rescale], np.float32))
-        return _collect(out, n, inputs["index"], gather)
+        with generation.step_listener(_monotonic(progress, plan.nfe)):
+            out, n = runner(spec, inputs, plan, generation.request_key(seed),
+                            np.array([guidance_scale, guidance_rescale], np.float32))
+            return _collect(out, n, inputs["index"], gather)  # blocks until the program is done
 
     def generate_batches(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int | None = None, negative_prompt: str | Sequence[str] | None = None,
@@ -334,6 +338,19 @@ class Pipeline:
         else:
             raise JaxdiffError(f"this UNet expects {n} SDXL time ids; jaxdiff knows 6 (base) and 5 (refiner)")
         return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
+
+
+def _monotonic(progress: Callable[[int, int], None] | None, total: int):
+    """A step listener calling progress(done, total) once per new evaluation (devices may repeat k)."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def on_step(k: int) -> None:
+        if k + 1 > done[0]:
+            done[0] = k + 1
+            progress(done[0], total)
+    return on_step
 
 
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:

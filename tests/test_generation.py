@@ -144,6 +144,16 @@ def test_second_call_compiles_nothing(models, mesh1):
     np.testing.assert_array_equal(a.images, b.images)
 
 
+def test_progress_reports_every_evaluation_and_same_images(models, mesh1):
+    """progress= gets (done, total) for each model evaluation, in order, and changes no pixel."""
+    _, pipe, _ = models["sd1"]
+    kw = dict(height=H, width=W, steps=3, sampler="euler", schedule=None, mesh=mesh1, guidance_scale=7.5, seed=5)
+    seen = []
+    with_bar = pipe(PROMPTS, NEGATIVES, progress=lambda done, total: seen.append((done, total)), **kw)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_array_equal(with_bar.images, pipe(PROMPTS, NEGATIVES, **kw).images)
+
+
 def test_sd1_dpmpp_2m_karras_rescale_clip_skip(models, mesh1, monkeypatch):
     """guidance_rescale and clip_skip=1 (diffusers' clip_skip=1: penultimate layer + final LayerNorm).
     diffusers encodes the negative prompt without clip skip; jaxdiff skips for both, so the diffusers
