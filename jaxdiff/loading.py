@@ -100,10 +100,8 @@ def _load_diffusers(root: Path, dtype, param_dtype) -> Pipeline:
             params = convert_state_dict(tensors, kind.param_shapes(config),
                                         source=str(weights), ignore=kind.ignore)
             networks[name] = kind.component(config, cast_params(params, param_dtype), dtype)
-        elif name in TOKENIZERS:
-            tokenizers[name] = Tokenizer.from_folder(folder)
-        elif name == "scheduler":
-            scheduler = _read_json(folder / "scheduler_config.json")
+        elif name in TOKENIZERS or name == "scheduler":
+            scheduler = _read_auxiliary(name, folder, tokenizers, scheduler)
         else:
             raise ConfigError(f"{root / 'model_index.json'}: component {name!r} ({library}.{cls}) is not "
                               f"supported by jaxdiff")
@@ -124,15 +122,22 @@ def _load_native(root: Path, dtype, param_dtype) -> Pipeline:
             # The same strict shape check as for upstream files: a hand-edited folder fails loudly.
             _check_native(params, kind.param_shapes(config), folder)
             networks[name] = kind.component(config, cast_params(params, param_dtype), dtype)
-        elif name in TOKENIZERS:
-            tokenizers[name] = Tokenizer.from_folder(folder)
-        elif name == "scheduler":
-            scheduler = _read_json(folder / "scheduler_config.json")
+        elif name in TOKENIZERS or name == "scheduler":
+            scheduler = _read_auxiliary(name, folder, tokenizers, scheduler)
         else:
             raise CheckpointError(f"{root / checkpoint.INDEX}: unknown component {name!r} ({kind_name})")
     meta = _read_json(root / checkpoint.INDEX).get("pipeline", {})
     return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
                                pipeline_class=meta.get("class"), options=meta.get("options"))
+
+
+def _read_auxiliary(name: str, folder: Path, tokenizers: dict, scheduler: dict | None) -> dict | None:
+    """Reads a tokenizer folder into `tokenizers`, or returns the scheduler config (same layout in both
+    formats). Returns the scheduler config as it now stands."""
+    if name in TOKENIZERS:
+        tokenizers[name] = Tokenizer.from_folder(folder)
+        return scheduler
+    return _read_json(folder / "scheduler_config.json")
 
 
 def _check_native(params, shapes, folder: Path) -> None:
