@@ -25,6 +25,10 @@ from tests import tiny_pipelines
 RTOL = 1e-4
 
 
+# Jitted once for the module: eager merge would compile each small op per kernel shape.
+MERGE = jax.jit(L.merge)
+
+
 def rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return np.abs(got - want).max() / np.abs(want).max()
@@ -93,17 +97,19 @@ def test_zero_init_is_the_base_and_merged_equals_unmerged(tiny_unet):
     unmerged = jax.jit(lambda p, lo: L.apply_unmerged(module, p, lo, cfg.scale, *inputs))
     base = np.asarray(fwd(params))
     # up = 0: the merged kernels equal the base ones exactly, so the same program gives the same bits.
-    np.testing.assert_array_equal(np.asarray(fwd(adapter.merge(params, lora))), base)
+    merge = jax.jit(adapter.merge)
+    np.testing.assert_array_equal(np.asarray(fwd(merge(params, lora))), base)
     # The unmerged branch adds exact zeros, but it is another XLA program (other fusions): float32
     # rounding only.
     assert rel_err(np.asarray(unmerged(params, lora)), base) <= 1e-6
 
     trained = unflat(randomize_up(lora))
-    merged_out = np.asarray(fwd(adapter.merge(params, trained)))
+    merged = merge(params, trained)
+    merged_out = np.asarray(fwd(merged))
     assert rel_err(merged_out, base) > 0.05               # the LoRA changes the output...
     assert rel_err(np.asarray(unmerged(params, trained)), merged_out) <= 1e-5   # ...the same way both ways
     # merge is W + (alpha / r) * down @ up on each kernel, nothing else changes.
-    merged = flatten(adapter.merge(params, trained))
+    merged = flatten(merged)
     for path, a in flatten(params).items():
         factors = L.factors(trained).get(path[:-1])
         want = a if factors is None or path[-1] != "kernel" else a + 2.0 * factors[0] @ factors[1]
@@ -193,7 +199,7 @@ def test_exported_lora_loads_in_diffusers(pipes, name, style, tmp_path):
     params = {"unet": pipe.unet.params, **{n: getattr(pipe, n).params for n in encoders}}
     cfg = L.LoRAConfig(rank=4, alpha=2.0, targets=L.UNET_ATTENTION + L.TEXT_ENCODER_ATTENTION)
     lora = unflat(randomize_up(L.init(params, cfg, jax.random.PRNGKey(0)), std=0.3))
-    merged = L.merge(params, lora, cfg.scale)
+    merged = MERGE(params, lora, cfg.scale)
 
     path = tmp_path / "lora.safetensors"
     L.export(lora, path, cfg, style=style, sdxl=name == "sdxl")

@@ -100,7 +100,7 @@ def init(params: Mapping[str, Any], config: LoRAConfig, key: jax.Array) -> dict[
     """Fresh LoRA factors (float32) for every targeted module: `down` random, `up` zero.
 
     Module i (in sorted path order) draws from fold_in(key, i), so the draw does not depend on how the
-    param dict happens to be ordered.
+    param dict happens to be ordered. `params` may be a `jax.eval_shape` tree: only shapes are read.
     """
     out = {}
     for i, (module, (fan_in, fan_out)) in enumerate(sorted(target_modules(params, config).items())):
