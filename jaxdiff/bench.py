@@ -256,17 +256,34 @@ class _CacheEvents:
             monitoring.register_event_listener(cls.listener)
 
 
-def use_compilation_cache(path) -> None:
+_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes", "jax_enable_compilation_cache")
+
+
+def use_compilation_cache(path) -> Callable[[], None]:
     """Turns on the persistent cache at `path` for every program (no size / time thresholds), resetting
-    JAX's cache object so a folder set after an earlier compile is honoured."""
+    JAX's cache object so a folder set after an earlier compile is honoured. Returns a function that puts
+    the previous settings back (a benchmark's temporary folder must not outlive it as the cache)."""
+    import jax
     from jaxdiff.generation import enable_compilation_cache
+    previous = {flag: getattr(jax.config, flag) for flag in _CACHE_FLAGS}
     enable_compilation_cache(path)
+    _reset_cache()
+    _CacheEvents.install()
+
+    def restore():
+        for flag, value in previous.items():
+            jax.config.update(flag, value)
+        _reset_cache()
+    return restore
+
+
+def _reset_cache():
     try:
-        from jax._src import compilation_cache
+        from jax._src import compilation_cache  # the cache object is built once per process otherwise
         compilation_cache.reset_cache()
     except (ImportError, AttributeError):
         pass
-    _CacheEvents.install()
 
 
 def _timed_compile(make: Callable[[], Any]) -> tuple[Any, float, bool]:
@@ -487,7 +504,7 @@ def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str
     if compile_cache is None:
         tmp = tempfile.TemporaryDirectory(prefix="jaxdiff-bench-cache-")
         compile_cache = tmp.name
-    use_compilation_cache(compile_cache)
+    restore_cache = use_compilation_cache(compile_cache)
     if pipe is None:
         log(f"building {model} ({dtype}, attention={attention})")
         pipe = build_pipeline(model, dtype=dtype, attention=attention, seed=seed)
@@ -510,6 +527,7 @@ def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str
             report["results"].append(record)
             log(format_table([record], header=False))
     finally:
+        restore_cache()
         if tmp is not None:
             tmp.cleanup()
     return report
