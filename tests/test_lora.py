@@ -273,3 +273,23 @@ def test_log_capture_sees_unexpected_keys(pipes, tmp_path):
         ref.load_lora_weights(str(path))
     # diffusers reports the module with no target (and, benignly, that the text encoder got no LoRA).
     assert any("time_embedding.linear_1" in m for m in logs), logs
+
+
+def test_adapter_fits_the_trainer_contract():
+    """Trainer (jaxdiff/training/trainer.py) traces `adapter.init(params, key)` and `adapter.merge(params,
+    trainable)` over {"unet", "vae", "text_encoder"} trees: only attention Dense layers of the UNet (and,
+    when asked, the text encoder) get factors; the VAE's attention is left alone; merge keeps the tree."""
+    from jaxdiff.components import VAE_KIND
+    from jaxdiff.models.configs import VAEConfig
+    params = {"unet": UNET.param_shapes(UNetConfig.tiny()), "vae": VAE_KIND.param_shapes(VAEConfig.tiny()),
+              "text_encoder": CLIP.param_shapes(CLIPTextConfig.tiny())}
+    key = jax.random.PRNGKey(0)
+    unet_only = jax.eval_shape(L.LoRAAdapter(L.LoRAConfig()).init, params, key)
+    assert set(unet_only) == {"unet"}
+    both = L.LoRAAdapter(L.LoRAConfig(targets=L.UNET_ATTENTION + L.TEXT_ENCODER_ATTENTION))
+    lora = jax.eval_shape(both.init, params, key)
+    assert set(lora) == {"unet", "text_encoder"}
+    merged = jax.eval_shape(both.merge, params, lora)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
+    assert {p: (s.shape, s.dtype) for p, s in flatten(merged).items()} == \
+        {p: (s.shape, s.dtype) for p, s in flatten(params).items()}
