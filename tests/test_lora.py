@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import jaxdiff
-from convert.diffusers_layout import flatten
+from convert.diffusers_layout import flatten, unflatten
 from convert.formats import read_safetensors, write_safetensors
 from jaxdiff.components import CLIP, UNET
 from jaxdiff.errors import ConfigError
@@ -46,9 +46,7 @@ def randomize_up(lora, seed=1, std=0.2):
             for path, a in flatten(lora).items()}
 
 
-def unflat(flat):
-    from convert.diffusers_layout import unflatten
-    return unflatten(flat)
+unflat = unflatten
 
 
 # --- the adapter itself -----------------------------------------------------------------------------
