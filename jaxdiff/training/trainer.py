@@ -326,3 +326,115 @@ class Trainer:
     def compiled_memory(self, state: TrainState, batch) -> Any:
         """XLA's memory analysis of the compiled step (remat comparisons)."""
         return self._step.lower(state, dict(batch), self.frozen, self.tables).compile().memory_analysis()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class Checkpointer:
+    """Orbax checkpoints of a TrainState plus a JSON `meta` (data position, step), keeping the last N.
+
+    Orbax writes each step into a temporary folder and renames it when complete, so a process killed
+    mid-save leaves the previous checkpoints intact and `latest_step` never returns a partial one.
+    """
+
+    def __init__(self, directory, keep_last: int = 3):
+        import orbax.checkpoint as ocp
+        from pathlib import Path
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"),
+            # cleanup_tmp_directories: a save killed half-way leaves a temporary folder; remove it on
+            # the next start so re-saving that step cannot collide with it.
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True, cleanup_tmp_directories=True,
+                                                 enable_async_checkpointing=False))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, meta: Mapping[str, Any]) -> None:
+        ocp = self._ocp
+        step = int(state.step)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(dict(meta))), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, trainer: Trainer, step: int | None = None) -> tuple[TrainState, dict]:
+        """The state placed on `trainer`'s mesh (any mesh: shardings come from the trainer) and meta."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{self.directory}: no complete checkpoint to resume from")
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state_with_shardings()), meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------------------- loop
+def fit(trainer: Trainer, loader, *, steps: int, out_dir, checkpoint_every: int = 0, keep_last: int = 3,
+        log_every: int = 1, resume: bool = False, validate=None, validate_every: int = 0,
+        progress: bool = True) -> TrainState:
+    """Train until `steps` optimizer updates, logging, checkpointing and validating on the way.
+
+    Args:
+      loader: a data.Loader (anything with next() -> host batch, state(), restore(state)).
+      out_dir: gets checkpoints/, metrics.jsonl and tb/ (TensorBoard events).
+      checkpoint_every: save every N steps (and always at the end); 0 = only at the end.
+      resume: continue from the latest complete checkpoint in out_dir/checkpoints when there is one.
+      validate: optional callable(trainer, state, step), called every `validate_every` steps.
+    Returns:
+      The final TrainState.
+    """
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from jaxdiff.training.metrics import EventWriter, JsonlLog
+
+    out_dir = Path(out_dir)
+    ckpt = Checkpointer(out_dir / "checkpoints", keep_last)
+    log = JsonlLog(out_dir / "metrics.jsonl")
+    if resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(trainer)
+        loader.restore(meta["data"])
+        log.truncate_after(int(state.step))
+    else:
+        state = trainer.init_state()
+    start = int(state.step)
+    tb = EventWriter(out_dir / "tb") if jax.process_index() == 0 else None
+    bar = tqdm(total=steps, initial=start, disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True, unit="step")
+    last = time.perf_counter()
+    try:
+        for step in range(start + 1, steps + 1):
+            state, metrics = trainer.step(state, trainer.put_batch(next(loader)))
+            if step % log_every == 0 or step == steps:
+                m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = (now - last) / (log_every if step % log_every == 0 else 1)
+                last = now
+                record = {"step": step, **m, "step_time": dt,
+                          "images_per_s": trainer.config.batch_size / max(dt, 1e-9)}
+                if jax.process_index() == 0:
+                    log.write(record)
+                    tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", s_per_step=f"{dt:.3f}",
+                                img_s=f"{record['images_per_s']:.1f}")
+            bar.update(1)
+            if (checkpoint_every and step % checkpoint_every == 0) or step == steps:
+                ckpt.save(state, {"data": loader.state(), "step": step})
+            if validate is not None and validate_every and step % validate_every == 0:
+                validate(trainer, state, step)
+    finally:
+        bar.close()
+        if tb is not None:
+            tb.close()
+        ckpt.close()
+    return state
