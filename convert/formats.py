@@ -139,7 +139,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.require(np.asarray(tensors[name]), requirements="C")  # ascontiguousarray makes 0-d 1-d
         if a.dtype not in _NAMES:
             raise TensorFileError(f"{path}: cannot write tensor {name!r} of dtype {a.dtype}")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
