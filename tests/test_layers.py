@@ -82,7 +82,7 @@ def test_attention_bf16_close_to_float32_and_refuses_unknown_kernel():
     # bf16 inputs carry ~3 significant digits; a float32 softmax keeps the result at that level.
     assert float(jnp.max(jnp.abs(low.astype(jnp.float32) - ref))) < 3e-2
     with pytest.raises(ValueError, match="not available"):
-        attention(q, k, v, heads=4, implementation="chunked")
+        attention(q, k, v, heads=4, implementation="no_such_kernel")
 
 
 def test_group_norm_matches_torch():

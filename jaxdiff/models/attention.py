@@ -4,52 +4,266 @@
 layout `to_q` / `to_k` / `to_v` produce — so callers never reshape. The kernel is picked by the
 `implementation` string, which models carry as a static config field:
 
-  "xla"   the reference: two einsums and a softmax. Materialises the [B, heads, Lq, Lk] scores, so
-          it is memory-hungry at long sequences (64x64 latents = 4096 tokens). Every other kernel is
-          tested against this one.
+  "xla"      the reference: two einsums and a softmax. Materialises the [B, heads, Lq, Lk] scores, so
+             it is memory-hungry at long sequences (64x64 latents = 4096 tokens: 2 GB at batch 2 x 8
+             heads) and slow on CPU, where XLA runs each op over the whole score tensor in turn.
+  "chunked"  query blocks (a `lax.map`) with the full softmax over the keys per block, or, when the
+             keys are many, key blocks with an online (flash-style) softmax. Never builds more than
+             one block of scores. On CPU it keeps the score block in cache: 2x faster than "xla" at
+             4096 tokens (numbers at CPU_CHUNK_MIN_SCORES).
+  "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention on
+             NVIDIA GPUs. bf16/fp16 only, head_dim a multiple of 8 and <= 128 (<= 256 on Hopper).
+  "splash"   the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu`). Sequences are
+             padded to its 128-row blocks (padded keys masked by segment ids), head_dim to 128 lanes.
+  "auto"     `choose_implementation` of the above for the default backend, dtype and shapes.
 
-Planned, not written yet (asking for them raises): "cudnn" (fused flash attention on NVIDIA GPUs via
-`jax.nn.dot_product_attention(implementation="cudnn")`), "splash" (TPU Pallas kernel) and "chunked"
-(query/key blocks with an online softmax, for CPU and very long sequences). Add a kernel as a function
-with the same signature as `_xla_attention` and register it in `_KERNELS`.
+Every kernel is tested against "xla" (tests/test_attention.py).
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+
+# CPU: "chunked" beats "xla" once the score matrix per (batch, head) is this large. Measured on the
+# 2-core dev CPU, batch 2, 8 heads (min of 3, loaded machine): 4096^2 x 40: xla 6.5 s, chunked 3.2 s;
+# 1024^2 x 80: 0.52 / 0.37 s; 512^2 x 40: 83 / 70 ms; 4096 x 77 keys: 117 / 109 ms; but 256^2 x 160:
+# 18.5 / 33.6 ms, where the loop overhead outweighs what the blocks save.
+CPU_CHUNK_MIN_SCORES = 512 * 512
+# Elements of one block of scores [B, H, q_chunk, k_chunk]: 2^22 float32 = 16 MB, sized to stay in
+# the last-level cache of a server CPU.
+_BLOCK_ELEMENTS = 1 << 22
+# Key blocks (online softmax) only past this many keys; below it one query block sees all keys.
+_MAX_FULL_KEYS = 8192
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool) -> jax.Array:
-    """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]. Plain XLA reference."""
-    dtype = q.dtype
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int, *,
+                          cudnn_max_head_dim: int = 128, splash_available: bool = True) -> str:
+    """The kernel "auto" runs, as a pure function of what is known at trace time.
+
+    Args:
+      backend: `jax.default_backend()`: "cpu", "gpu" (or "cuda" / "rocm"), "tpu".
+      dtype: compute dtype of q/k/v.
+      q_len, k_len: sequence lengths.
+      head_dim: per-head width.
+      cudnn_max_head_dim: the largest head_dim cuDNN's flash kernel takes on this GPU (128; 256 on
+        Hopper and later, which `attention` detects).
+      splash_available: whether the installed JAX has the Pallas TPU splash kernel.
+
+    Returns:
+      one of "xla", "chunked", "cudnn", "splash".
+    """
+    dtype = jnp.dtype(dtype)
+    if backend in ("gpu", "cuda"):
+        # cuDNN's fused kernel has no float32 path; float32 and odd head widths go to XLA (cuBLAS).
+        ok = dtype in _LOW_PRECISION and head_dim % 8 == 0 and head_dim <= cudnn_max_head_dim
+        return "cudnn" if ok else "xla"
+    if backend == "tpu":
+        # Short sequences (CLIP's 77, cross-attention on small latents) are cheaper as two einsums than
+        # padded to the kernel's 128-row blocks.
+        return "splash" if splash_available and q_len >= 512 and k_len >= 128 else "xla"
+    if backend == "cpu" and q_len * k_len >= CPU_CHUNK_MIN_SCORES:
+        return "chunked"
+    return "xla"
+
+
+def _scale_queries(q: jax.Array) -> jax.Array:
     # Scale q (Lq*D multiplies) rather than the scores (Lq*Lk); diffusers' SDPA path scales inside.
-    q = q * jnp.asarray(scale, q.dtype)
-    # Softmax in float32 for low-precision inputs: bf16 exp/sum over thousands of keys loses the
-    # small weights. upcast=True (SD2's upcast_attention) also computes the scores in float32.
-    low_precision = jnp.finfo(dtype).bits < 32
+    return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+
+def _scores(q: jax.Array, k: jax.Array, spec: str, upcast: bool) -> jax.Array:
+    """q . k in float32 whatever the inputs: bf16 exp/sum over thousands of keys loses the small
+    weights. upcast=True (SD2's upcast_attention) also takes the products from float32 operands."""
     if upcast:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    elif low_precision:
-        # bf16 operands, float32 accumulation and scores: same speed on tensor cores, no rounding of
-        # the scores to 8 mantissa bits before the exp.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        return jnp.einsum(spec, q.astype(jnp.float32), k.astype(jnp.float32))
+    if q.dtype != jnp.float32:
+        # bf16 operands, float32 accumulation: same speed on tensor cores, no 8-bit-mantissa scores.
+        return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, q, k)
+
+
+def _causal_mask(q_start, q_len: int, k_start, k_len: int) -> jax.Array:
+    """[q_len, k_len] bool: key j visible to query i iff j <= i (top-left aligned, torch's is_causal)."""
+    qi = q_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 0)
+    kj = k_start + lax.broadcasted_iota(jnp.int32, (q_len, k_len), 1)
+    return kj <= qi
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool) -> jax.Array:
+    """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]. Plain XLA reference."""
+    scores = _scores(_scale_queries(q), k, "bqhd,bkhd->bhqk", upcast)   # [B, H, Lq, Lk] float32
+    if causal:
+        # Every row keeps key 0, so no row is fully masked and the softmax never sees only -inf.
+        mask = _causal_mask(0, q.shape[1], 0, k.shape[1])
+        scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, jnp.float32))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """[B, L, H, D] -> [n, B, H, size, D], zero-padding L up to n * size."""
+    b, length, h, d = x.shape
+    n = -(-length // size)
+    x = jnp.pad(x, ((0, 0), (0, n * size - length), (0, 0), (0, 0)))
+    return x.reshape(b, n, size, h, d).transpose(1, 0, 3, 2, 4)
+
+
+def _pick_chunks(b: int, h: int, lq: int, lk: int, q_chunk: Optional[int], k_chunk: Optional[int]):
+    """Block sizes: keys whole up to _MAX_FULL_KEYS, queries as many as fit _BLOCK_ELEMENTS scores."""
+    if k_chunk is None:
+        k_chunk = lk if lk <= _MAX_FULL_KEYS else 2048
+    if q_chunk is None:
+        rows = _BLOCK_ELEMENTS // max(1, b * h * min(k_chunk, lk))
+        q_chunk = max(16, min(1024, 1 << max(0, rows.bit_length() - 1)))   # a power of two
+    return min(q_chunk, lq), min(k_chunk, lk)
+
+
+def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
+                       q_chunk: Optional[int] = None, k_chunk: Optional[int] = None) -> jax.Array:
+    """Blockwise attention, never more than one [B, H, q_chunk, k_chunk] block of scores.
+
+    q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]. One key block (k_chunk >= Lk): each query
+    block takes a plain softmax over all keys. Several key blocks: online softmax (running max m, running
+    sum l, rescaled accumulator), as flash attention. Queries and keys are zero-padded to whole blocks;
+    padded keys are masked, padded query rows are dropped.
+    """
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    q_chunk, k_chunk = _pick_chunks(b, h, lq, lk, q_chunk, k_chunk)
+    qb = _blocks(_scale_queries(q), q_chunk)                      # [nq, B, H, cq, D]
+    nq = qb.shape[0]
+    starts = jnp.arange(nq, dtype=jnp.int32) * q_chunk
+
+    if k_chunk >= lk:
+        # K pre-transposed once to [B, H, D, Lk]: the score product is then a plain (NN) batched matmul,
+        # which XLA:CPU runs faster than the NT form. V is [B, H, Lk, D].
+        kt = k.transpose(0, 2, 3, 1)
+        vt = v.transpose(0, 2, 1, 3)
+
+        def q_block(args):
+            qc, q0 = args
+            s = _scores(qc, kt, "bhqd,bhdk->bhqk", upcast)            # [B, H, cq, Lk] float32
+            if causal:
+                s = jnp.where(_causal_mask(q0, q_chunk, 0, lk)[None, None], s, jnp.float32(-jnp.inf))
+            # Softmax with the normalisation deferred to the [cq, D] output: one pass fewer over the
+            # [cq, Lk] block than jax.nn.softmax (measured 1.7x faster on CPU at 4096 keys).
+            p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+            out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+            return out / jnp.sum(p, axis=-1, keepdims=True)
+
+        out = lax.map(q_block, (qb, starts))                          # [nq, B, H, cq, D] float32
     else:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)             # [B, H, Lq, Lk]
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(dtype)
+        kb, vb = _blocks(k, k_chunk), _blocks(v, k_chunk)            # [nk, B, H, ck, D]
+        k_starts = jnp.arange(kb.shape[0], dtype=jnp.int32) * k_chunk
+        # A finite "minus infinity": a block masked for a whole row then gives exp(0) = 1 garbage that
+        # the next real block's rescale exp(min - m) = 0 wipes out; -inf would give NaN (inf - inf).
+        neg = jnp.float32(jnp.finfo(jnp.float32).min)
+
+        def q_block(args):
+            qc, q0 = args
+
+            def k_block(carry, xs):
+                m, l, acc = carry                  # [B, H, cq, 1], [B, H, cq, 1], [B, H, cq, D] float32
+                kc, vc, k0 = xs
+                s = _scores(qc, kc, "bhqd,bhkd->bhqk", upcast)        # [B, H, cq, ck] float32
+                mask = k0 + lax.broadcasted_iota(jnp.int32, (q_chunk, k_chunk), 1) < lk
+                if causal:
+                    mask = mask & _causal_mask(q0, q_chunk, k0, k_chunk)
+                s = jnp.where(mask[None, None], s, neg)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+                p = jnp.exp(s - m_new)
+                alpha = jnp.exp(m - m_new)
+                l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
+                pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+                return (m_new, l, alpha * acc + pv), None
+
+            init = (jnp.full((b, h, q_chunk, 1), neg), jnp.zeros((b, h, q_chunk, 1), jnp.float32),
+                    jnp.zeros((b, h, q_chunk, d), jnp.float32))
+            (_, l, acc), _ = lax.scan(k_block, init, (kb, vb, k_starts))
+            return acc / l
+
+        out = lax.map(q_block, (qb, starts))
+    out = out.transpose(1, 0, 3, 2, 4).reshape(b, nq * q_chunk, h, d)[:, :lq]
+    return out.astype(q.dtype)
 
 
-_KERNELS = {"xla": _xla_attention}
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool) -> jax.Array:
+    """cuDNN fused attention; [B, L, H, D] is its BTNH layout. It accumulates q.k and takes the softmax
+    in float32 internally, which is what `upcast` asks for."""
+    del upcast
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
+                      interpret: bool = False) -> jax.Array:
+    """Pallas TPU splash attention. `interpret=True` runs the kernel in the Pallas interpreter (any
+    backend), which is how the padding and masking here are tested without a TPU."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    del upcast   # the kernel accumulates scores and softmax in float32
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    block = 512 if min(lq, lk) >= 2048 else 128
+    lq_p, lk_p, d_p = _round_up(lq, block), _round_up(lk, block), _round_up(d, 128)
+
+    def prep(x: jax.Array, length: int) -> jax.Array:
+        # [B, L, H, D] -> [B, H, L_pad, D_pad]; zero head-dim padding adds 0 to every q.k and its
+        # outputs are sliced off; padded keys are masked below, padded queries dropped.
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_p - d)))
+        return x.transpose(0, 2, 1, 3)
+
+    qp, kp, vp = prep(_scale_queries(q), lq_p), prep(k, lk_p), prep(v, lk_p)
+    mask_cls = sa.CausalMask if causal else sa.FullMask
+    mask = sa.MultiHeadMask([mask_cls((lq_p, lk_p)) for _ in range(h)])
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+    segments = None
+    if lk_p != lk:
+        # Padded keys get segment 1, every query segment 0: each query row keeps its real keys.
+        segments = sa.SegmentIds(q=jnp.zeros((lq_p,), jnp.int32),
+                                 kv=(jnp.arange(lk_p) >= lk).astype(jnp.int32))
+    out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=segments))(qp, kp, vp)  # [B, H, Lq_p, D_p]
+    return out.transpose(0, 2, 1, 3)[:, :lq, :, :d].astype(q.dtype)
+
+
+_KERNELS = {"xla": _xla_attention, "chunked": _chunked_attention, "cudnn": _cudnn_attention,
+            "splash": _splash_attention}
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_importable() -> bool:
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cudnn_max_head_dim() -> int:
+    """256 on Hopper (compute capability 9.0) and later, 128 before, as JAX's cuDNN check allows."""
+    try:
+        major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+    except (AttributeError, ValueError, RuntimeError):
+        return 128
+    return 256 if major >= 9 else 128
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False,
-              implementation: str = "xla") -> jax.Array:
-    """Multi-head attention softmax(q k^T / sqrt(head_dim)) v, no mask, no dropout.
+              implementation: str = "auto", causal: bool = False) -> jax.Array:
+    """Multi-head attention softmax(q k^T / sqrt(head_dim)) v, no dropout.
 
     Args:
       q: [B, Lq, heads * head_dim] queries (already projected).
@@ -59,20 +273,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: b
         diffusers' `attn.head_to_batch_dim` / SDPA reshape makes.
       upcast: compute scores and softmax in float32 (diffusers' `upcast_attention`, SD2). Inputs in
         bfloat16/float16 always get a float32 softmax.
-      implementation: kernel name, one of IMPLEMENTATIONS.
+      implementation: kernel name, one of IMPLEMENTATIONS ("auto" picks per backend and shape).
+      causal: query i sees keys j <= i only (CLIP's text transformer).
 
     Returns:
       [B, Lq, heads * head_dim] in q's dtype, heads concatenated head-major (ready for `to_out_0`).
     """
-    if implementation not in _KERNELS:
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not available "
                          f"(available: {', '.join(IMPLEMENTATIONS)})")
     b, lq, width = q.shape
     if width % heads:
         raise ValueError(f"attention: width {width} does not split into {heads} heads")
+    if k.shape[-1] != width or v.shape[-1] != width or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"attention: q/k/v shapes do not match: {q.shape}, {k.shape}, {v.shape}")
     d = width // heads
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, t.shape[2] // heads)
-    if k.shape[-1] != width or v.shape[-1] != width:
-        raise ValueError(f"attention: q/k/v widths differ: {q.shape}, {k.shape}, {v.shape}")
-    out = _KERNELS[implementation](split(q), split(k), split(v), upcast=upcast)   # [B, Lq, H, D]
+    if implementation == "auto":
+        backend = jax.default_backend()
+        implementation = choose_implementation(
+            backend, q.dtype, lq, k.shape[1], d,
+            cudnn_max_head_dim=_cudnn_max_head_dim() if backend == "gpu" else 128,
+            splash_available=backend == "tpu" and _splash_importable())
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d)
+    out = _KERNELS[implementation](split(q), split(k), split(v), upcast=upcast, causal=causal)  # [B, Lq, H, D]
     return out.reshape(b, lq, heads * d)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False,
+                      causal: bool = False, q_chunk: Optional[int] = None,
+                      k_chunk: Optional[int] = None) -> jax.Array:
+    """The "chunked" kernel with explicit block sizes (tests and tuning); shapes as `attention`.
+
+    k_chunk < Lk selects the online-softmax key loop; None picks sizes as "auto" would.
+    """
+    b, lq, width = q.shape
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, width // heads)
+    out = _chunked_attention(split(q), split(k), split(v), upcast=upcast, causal=causal,
+                             q_chunk=q_chunk, k_chunk=k_chunk)
+    return out.reshape(b, lq, width)

@@ -89,13 +89,21 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         shape = x.shape
-        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + jnp.float32(self.epsilon))).reshape(shape)
-        bshape = (1,) * (len(shape) - 1) + (c,)
-        y = y * scale.astype(jnp.float32).reshape(bshape) + bias.astype(jnp.float32).reshape(bshape)
-        return y.astype(self.dtype)
+        b, g = shape[0], self.num_groups
+        xf = x.astype(jnp.float32).reshape(b, -1, c)                              # [B, N, C]
+        n = jnp.float32(xf.shape[1] * (c // g))                                  # elements per group
+        # Two-pass mean / variance (exact, like torch), each pass one reduction over the pixels into
+        # per-channel sums (the major axis, C contiguous), totalled per group on the small [B, C]:
+        # measured 2x faster on CPU than reducing over the (N, C/G) axes of a [B, N, G, C/G] view.
+        per_channel = lambda a: jnp.repeat(a, c // g, axis=-1)                   # [B, G] -> [B, C]
+        group_sum = lambda a: jnp.sum(a.reshape(b, g, c // g), axis=-1)           # [B, C] -> [B, G]
+        mean = per_channel(group_sum(jnp.sum(xf, axis=1)) / n)                    # [B, C]
+        var = group_sum(jnp.sum(jnp.square(xf - mean[:, None, :]), axis=1)) / n   # [B, G]
+        a = per_channel(jax.lax.rsqrt(var + jnp.float32(self.epsilon))) * scale.astype(jnp.float32)[None, :]
+        # y = (x - mean) * rsqrt(var + eps) * scale + bias, as one multiply-add per element.
+        offset = bias.astype(jnp.float32)[None, :] - mean * a
+        y = xf * a[:, None, :] + offset[:, None, :]
+        return y.reshape(shape).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
