@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from convert.diffusers_layout import flatten
 from convert.errors import CheckpointError
-from convert.formats import write_safetensors
+from convert.formats import atomic_folder, write_safetensors
 
 # The diffusers release whose folder format this writes (and the tests load with). diffusers reads
 # `_diffusers_version` only to warn about much newer files.
@@ -201,9 +200,7 @@ def export_diffusers_folder(dst: str | os.PathLike, components: Mapping[str, Map
         raise CheckpointError(f"{dst}: exists; pass overwrite=True to replace it")
     if "_class_name" not in scheduler_config:
         raise ValueError("scheduler_config needs its '_class_name' (the scheduler class diffusers builds)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(dst) as tmp:
         index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION}
         for name, part in components.items():
             write_model_folder(tmp / name, part["class_name"], part["config"], part["params"], dtype=dtype)
@@ -221,17 +218,6 @@ def export_diffusers_folder(dst: str | os.PathLike, components: Mapping[str, Map
             index.update(safety_checker=[None, None], feature_extractor=[None, None],
                          image_encoder=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- LoRA files --------------------------------------------------------------------------------------

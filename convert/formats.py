@@ -11,9 +11,11 @@ data block; offsets are relative to the start of the data block.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -161,4 +163,27 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike):
+    """Yields a temporary sibling of `dst` to fill; when the block succeeds it takes `dst`'s place (an
+    existing `dst` is removed only once the new folder is complete), when it fails it is deleted. So an
+    interrupted write never leaves a half-written folder where a complete one is expected."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

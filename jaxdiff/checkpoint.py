@@ -18,14 +18,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from convert.diffusers_layout import flatten, unflatten
-from convert.formats import read_safetensors, write_safetensors
+from convert.formats import atomic_folder, read_safetensors, write_safetensors
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.configs import _freeze
 
@@ -78,9 +77,7 @@ def write_folder(dst: str | os.PathLike, components: Mapping[str, tuple[str, Any
     dst = Path(dst)
     if dst.exists() and not is_native(dst):
         raise CheckpointError(f"{dst}: exists and is not a jaxdiff folder; refusing to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(dst) as tmp:
         index = {"format": "jaxdiff", "version": FORMAT_VERSION, "components": {},
                  "pipeline": dict(pipeline or {})}
         for name, (kind, config, params) in components.items():
@@ -97,17 +94,6 @@ def write_folder(dst: str | os.PathLike, components: Mapping[str, tuple[str, Any
             (tmp / rel).write_text(json.dumps(content, indent=1))
             index["components"][Path(rel).parts[0]] = "files"
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
-        if dst.exists():  # swap: the old folder disappears only once the new one is complete
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_index(src: Path) -> dict[str, str]:

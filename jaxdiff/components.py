@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff.models.clip import CLIPTextModel, canonical_torch_keys
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxdiff.errors import ConfigError, SamplerError
-from jaxdiff.models.configs import METADATA_KEYS, _freeze
+from jaxdiff.errors import SamplerError
+from jaxdiff.models.configs import _freeze
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
