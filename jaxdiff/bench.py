@@ -17,7 +17,8 @@ Method (nanoGPT's bench.py, plus what XLA makes separable): each program is lowe
 explicitly (`compile_s`, cold: a fresh persistent-cache folder unless --compile-cache names one); then
 `jax.clear_caches()` and the same compile again, now served by the persistent cache
 (`compile_cached_s`); then `warmup` untimed calls and `repeats` timed ones, each ended by
-`block_until_ready`. `steady_s` is the fastest timed call (min-of-N: on a shared machine the minimum is
+`block_until_ready` (--no-cached-compile skips the second compile, which for the pipeline costs one
+more full run). `steady_s` is the fastest timed call (min-of-N: on a shared machine the minimum is
 the least disturbed run); the median and every time are kept too, with the load average around them.
 
 FLOPs: XLA's cost analysis of the compiled program (summed over devices), and the published count
@@ -251,9 +252,14 @@ class _CacheEvents:
     @classmethod
     def install(cls):
         if cls.listener is None:
-            from jax._src import monitoring  # no public hook for cache events in jax 0.10
-            cls.listener = lambda name, **kw: setattr(cls, "hits", cls.hits + (name == "/jax/compilation_cache/cache_hits"))
-            monitoring.register_event_listener(cls.listener)
+            try:
+                from jax._src import monitoring  # no public hook for cache events in jax 0.10
+            except ImportError:  # then the *_hit fields stay False; the timings are still measured
+                return
+            def listener(name, **kw):
+                cls.hits += name == "/jax/compilation_cache/cache_hits"
+            cls.listener = listener
+            monitoring.register_event_listener(listener)
 
 
 _CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -415,7 +421,8 @@ def reference_flops(model: str, case: Case, pipe) -> float | None:
         if None in (unet, dec):
             return None
         rows = 2 if case.guidance_scale > 1.0 else 1
-        return case.steps * rows * unet + dec + rows * (text or 0.0)  # euler-like: NFE = steps
+        # NFE = steps for first-order samplers (euler, dpmpp_2m, ddim...); heun-like ones evaluate twice.
+        return case.steps * rows * unet + dec + rows * (text or 0.0)
     ref = REFERENCE_FLOPS.get((model, case.what))
     if ref is None:
         return None
