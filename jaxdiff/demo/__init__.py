@@ -1,0 +1,1 @@
+"""The bundled demo model: synthetic captioned shapes and an analytic detector (see shapes, detector)."""
