@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # are written to the temporary folder, before the rename that publishes them).
 DRIVER = r"""
 import os, signal, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", os.environ["TEST_XLA_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.config.update("jax_enable_compilation_cache", True)
+jax.config.update("jax_default_matmul_precision", "highest")
 kill_at = os.environ.get("KILL_AT_STEP")
 if kill_at:
     from orbax.checkpoint.path import atomicity
@@ -52,9 +58,7 @@ def _folder(root: Path) -> Path:
 
 def _train(model, data, out, cache, *extra, kill_at=None, mark=None):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-           "PYTHONPATH": str(ROOT)}
+           "TEST_XLA_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     if kill_at:
         env.update(KILL_AT_STEP=str(kill_at), KILL_MARK=str(mark))
     args = ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4",
