@@ -142,7 +142,7 @@ class AutoencoderTrainer:
         if ema is not None:
             ema = optim.ema_update(ema, trainable, optim.ema_decay(self.ema_config, state.step + 1))
             ema = optim.select_tree(ok, ema, state.ema)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                    "skipped": (~ok).astype(jnp.int32)}
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema,
                           key=state.key), metrics

@@ -1,0 +1,304 @@
+"""Reproduces the bundled demo model (jaxdiff/assets/demo_model) from a seed, with jaxdiff's own training code.
+
+    python scripts/train_demo_model.py                   # the full recipe (see the README's model card)
+    python scripts/train_demo_model.py --quick --out /tmp/demo   # a smoke run: a few steps of each stage
+
+Stages, all determined by --seed:
+1. data: `jaxdiff.demo.shapes.make_dataset(seed, n, split="train")`: 64x64 shapes with captions; the
+   held-out (colour, shape, position) triples never appear;
+2. VAE: a tiny AutoencoderKL (downsample 4: 64x64x3 -> 16x16x4) trained with
+   jaxdiff.training.autoencoder (L1 + edge L1 + KL), then the latent scaling factor is measured;
+3. latents: the training set's posterior moments are cached once;
+4. diffusion: a tiny UNet with cross-attention and a tiny CLIP text encoder over the real CLIP BPE
+   vocabulary, trained jointly by jaxdiff.training.trainer.Trainer (train_text_encoder=True, epsilon
+   target, min-SNR-5, 10% caption dropout for classifier-free guidance, EMA), on cached moments;
+5. save: the EMA weights as a native jaxdiff folder, params stored in float16 to keep the asset small.
+
+Prints one JSON line per log interval and writes `<out>/training_log.json` (configs, timings, losses).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jaxdiff.components import NATIVE_KINDS  # noqa: E402
+from jaxdiff.demo import shapes  # noqa: E402
+from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
+from jaxdiff.pipeline import Pipeline  # noqa: E402
+from jaxdiff.schedules import SchedulerConfig  # noqa: E402
+from jaxdiff.tokenizer import Tokenizer  # noqa: E402
+from jaxdiff.training import autoencoder as AE  # noqa: E402
+from jaxdiff.training import optim  # noqa: E402
+from jaxdiff.training.loss import LossConfig  # noqa: E402
+from jaxdiff.training.trainer import Models, TrainConfig, Trainer  # noqa: E402
+
+DEFAULT_OUT = ROOT / "jaxdiff" / "assets" / "demo_model"
+# The SD 1.x training schedule, with DPM++ 2M Karras as the model's own sampler.
+SCHEDULER_CONFIG = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
+                    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
+                    "use_karras_sigmas": True, "solver_order": 2, "algorithm_type": "dpmsolver++"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Every number of a run. The defaults are the shipped model's."""
+    seed: int = 0
+    resolution: int = 64
+    n_images: int = 12_000          # training scenes (captions repeat; positions and sizes jitter)
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_crop: int = 32              # the VAE is convolutional: train it on random crops (4x cheaper)
+    vae_lr: float = 3e-3
+    steps: int = 1200
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    log_every: int = 50
+    toy: bool = False               # toy architectures (model_configs(quick=True))
+
+    @classmethod
+    def quick(cls) -> "Recipe":
+        """A smoke run of every stage (CI): seconds per stage, the loss must still fall."""
+        return cls(resolution=16, n_images=256, vae_steps=30, vae_batch=8, vae_crop=16, steps=30, batch=8,
+                   warmup=3, log_every=10, lr=3e-3, vae_lr=3e-3, ema_decay=0.9, toy=True)
+
+
+def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
+    """The demo model's architecture, sized for a 2-core CPU (training and a < 30 s first generation):
+
+    * text encoder: CLIP-style, width 64, 2 layers, 4 heads, the full 49408-token CLIP vocabulary;
+    * VAE: 8/16/32/32 channels, 4 levels = downsample 8: 64x64x3 <-> 8x8x4 latents, no attention;
+    * UNet: 2 levels of 32/64 channels at 8x8 and 4x4, cross-attention at both and in the mid block.
+
+    quick=True: one-level toys of the same kinds (VAE factor 1, for 16x16 images), for the CI smoke run,
+    where compile time dominates.
+    scaling_factor is a placeholder until the VAE is trained.
+    """
+    if quick:
+        clip = CLIPTextConfig.tiny(hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
+                                   num_attention_heads=2)
+        unet = UNetConfig(sample_size=16, block_out_channels=(16,), layers_per_block=1, norm_num_groups=4,
+                          down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                          mid_block_type=None, attention_head_dim=2, cross_attention_dim=clip.hidden_size)
+        vae = VAEConfig(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False)
+        return clip, unet, vae
+    clip = CLIPTextConfig.tiny(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
+                               num_attention_heads=4)
+    unet = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                      attention_head_dim=4, cross_attention_dim=clip.hidden_size)
+    vae = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False)
+    return clip, unet, vae
+
+
+def host_init(shapes_tree, seed: int, *, zero: tuple[str, ...] = ()) -> dict:
+    """Random float32 params on the host, without tracing the model.
+
+    Kernels N(0, 1 / fan_in) (Flax's lecun_normal up to truncation), biases 0, norm scales 1, token
+    embeddings N(0, 0.02) and position embeddings N(0, 0.01) (CLIP's init). Leaves under a top-level
+    module named in `zero` start at 0 (the UNet's conv_out: the first predictions are 0, not noise).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        keys = [p.key for p in path]
+        name = keys[-1]
+        if keys[0] in zero:
+            value = np.zeros(leaf.shape)
+        elif name == "kernel":
+            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "embedding":
+            value = rng.standard_normal(leaf.shape) * (0.01 if "position" in "/".join(keys) else 0.02)
+        elif name == "scale":
+            value = np.ones(leaf.shape)
+        else:
+            value = np.zeros(leaf.shape)
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes_tree)
+
+
+def _flat(tree, prefix=()) -> dict:
+    if isinstance(tree, dict):
+        return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, prefix + (k,)).items()}
+    return {prefix: tree}
+
+
+def count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _log(record: dict, log: list) -> None:
+    log.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def train_vae(r: Recipe, vae_cfg: VAEConfig, images: np.ndarray, log: list) -> tuple[dict, list[float]]:
+    """Stage 2: images uint8 [N, R, R, 3] -> (EMA params, losses per step)."""
+    module = NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32)
+    params = host_init(NATIVE_KINDS["VAE"].param_shapes(vae_cfg), r.seed + 1)
+    trainer = AE.AutoencoderTrainer(
+        module, params, AE.AutoencoderLossConfig(reconstruction="l1", edge_weight=1.0, kl_weight=1e-4),
+        optim.OptimConfig(lr=r.vae_lr, schedule="cosine", warmup_steps=min(100, r.vae_steps // 10),
+                          total_steps=r.vae_steps, end_lr_ratio=0.05, weight_decay=0.0),
+        ema=optim.EMAConfig(decay=r.ema_decay, use_warmup=True, power=3 / 4), seed=r.seed,
+        mesh=_one_device_mesh())
+    state = trainer.init_state()
+    rng = np.random.default_rng([r.seed, 11])
+    c = r.vae_crop
+    losses, t0 = [], time.time()
+    for step in range(r.vae_steps):
+        idx = rng.integers(len(images), size=r.vae_batch)
+        f = vae_cfg.downsample_factor
+        oy, ox = rng.integers(0, r.resolution - c + 1, size=2) // f * f   # crops stay latent-aligned
+        batch = images[idx, oy:oy + c, ox:ox + c].astype(np.float32) / 127.5 - 1.0
+        state, m = trainer.step(state, batch)
+        losses.append(float(m["loss"]))
+        if (step + 1) % r.log_every == 0 or step == r.vae_steps - 1:
+            _log({"stage": "vae", "step": step + 1, "loss": float(np.mean(losses[-r.log_every:])),
+                  "reconstruction": float(m["reconstruction"]), "kl": float(m["kl"]),
+                  "seconds": round(time.time() - t0, 1)}, log)
+    return trainer.params(state, ema=True), losses
+
+
+def caption_ids(tokenizer: Tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N, 77] int32, empty-prompt ids [77]): unique captions are tokenized once."""
+    unique = sorted(set(captions))
+    table = dict(zip(unique, tokenizer(unique)))
+    return np.stack([table[c] for c in captions]), tokenizer("")[0]
+
+
+def train_diffusion(r: Recipe, clip_cfg, unet_cfg, vae_cfg, vae_params, moments: np.ndarray,
+                    ids: np.ndarray, empty_ids: np.ndarray, log: list):
+    """Stage 4: joint UNet + text-encoder training on cached moments -> (Trainer, final state, losses)."""
+    params = {
+        "unet": host_init(NATIVE_KINDS["UNet"].param_shapes(unet_cfg), r.seed + 2, zero=("conv_out",)),
+        "text_encoder": host_init(NATIVE_KINDS["TextEncoder"].param_shapes(clip_cfg), r.seed + 3),
+        "vae": vae_params,
+    }
+    models = Models(unet=NATIVE_KINDS["UNet"].build(unet_cfg, jnp.float32), params=params,
+                    scheduler=SchedulerConfig.from_dict(SCHEDULER_CONFIG),
+                    vae=NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32),
+                    text_encoder=NATIVE_KINDS["TextEncoder"].build(clip_cfg, jnp.float32),
+                    scaling_factor=vae_cfg.scaling_factor)
+    config = TrainConfig(
+        batch_size=r.batch, seed=r.seed, train_text_encoder=True,
+        loss=LossConfig(snr_gamma=5.0),
+        optim=optim.OptimConfig(lr=r.lr, schedule="cosine", warmup_steps=r.warmup, total_steps=r.steps,
+                                end_lr_ratio=0.05, weight_decay=0.0),
+        ema=optim.EMAConfig(decay=r.ema_decay, use_warmup=True, power=3 / 4))
+    trainer = Trainer(models, config, mesh=_one_device_mesh())
+    state = trainer.init_state()
+    rng = np.random.default_rng([r.seed, 12])
+    losses, t0 = [], time.time()
+    for step in range(r.steps):
+        idx = rng.integers(len(moments), size=r.batch)
+        batch_ids = ids[idx].copy()
+        batch_ids[rng.random(r.batch) < r.caption_dropout] = empty_ids   # unconditional rows for CFG
+        state, m = trainer.step(state, trainer.put_batch({"moments": moments[idx], "input_ids": batch_ids}))
+        losses.append(float(m["loss"]))
+        if (step + 1) % r.log_every == 0 or step == r.steps - 1:
+            _log({"stage": "diffusion", "step": step + 1, "loss": float(np.mean(losses[-r.log_every:])),
+                  "lr": float(m["lr"]), "seconds": round(time.time() - t0, 1)}, log)
+    return trainer, state, losses
+
+
+def _one_device_mesh():
+    """The recipe runs on one device so its numbers do not depend on the machine's device count."""
+    from jaxdiff import sharding
+    return sharding.make_mesh(jax.devices()[:1])
+
+
+def build_pipeline(clip_cfg, unet_cfg, vae_cfg, params: dict, tokenizer: Tokenizer,
+                   dtype=np.float16) -> Pipeline:
+    """A Pipeline over the trained params, stored as `dtype` (float16 halves the asset)."""
+    cast = lambda tree: jax.tree.map(lambda a: np.asarray(a, dtype), tree)  # noqa: E731
+    nets = {"unet": ("UNet", unet_cfg), "vae": ("VAE", vae_cfg), "text_encoder": ("TextEncoder", clip_cfg)}
+    comps = {name: NATIVE_KINDS[kind].component(cfg, cast(params[name]), jnp.float32)
+             for name, (kind, cfg) in nets.items()}
+    return Pipeline.from_parts(comps, {"tokenizer": tokenizer}, SCHEDULER_CONFIG, source="demo recipe",
+                               pipeline_class="StableDiffusionPipeline")
+
+
+def run(r: Recipe, out: Path) -> dict:
+    """The whole recipe; returns the training log (also written to out/training_log.json)."""
+    log: list = []
+    times = {}
+    t = time.time()
+    images, captions, _ = shapes.make_dataset(r.seed, r.n_images, split="train", resolution=r.resolution)
+    times["data_s"] = time.time() - t
+    clip_cfg, unet_cfg, vae_cfg = model_configs(r.toy)
+
+    t = time.time()
+    vae_params, vae_losses = train_vae(r, vae_cfg, images, log)
+    times["vae_s"] = time.time() - t
+
+    t = time.time()
+    vae_module = NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32)
+    moments = AE.encode_moments(vae_module, vae_params, images.astype(np.float32) / 127.5 - 1.0)
+    vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=round(AE.latent_scaling_factor(moments), 5))
+    tokenizer = Tokenizer.bundled()
+    ids, empty = caption_ids(tokenizer, captions)
+    times["cache_s"] = time.time() - t
+
+    t = time.time()
+    trainer, state, losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids, empty, log)
+    times["diffusion_s"] = time.time() - t
+
+    params = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Raw float32 EMA params beside the folder first: a failed save must not cost the training run.
+    np.savez(out.parent / f".{out.name}.params.npz",
+             **{"/".join(k): v for k, v in _flat(params).items()})
+    pipe = build_pipeline(clip_cfg, unet_cfg, vae_cfg, params, tokenizer)
+    pipe.save(out)
+    times = {k: round(v, 1) for k, v in times.items()}
+    summary = {
+        "recipe": dataclasses.asdict(r), "times": times, "total_s": round(sum(times.values()), 1),
+        "params": {name: count(params[name]) for name in ("text_encoder", "unet", "vae")},
+        "scaling_factor": vae_cfg.scaling_factor,
+        "vae_loss": {"first": float(np.mean(vae_losses[:10])), "last": float(np.mean(vae_losses[-10:]))},
+        "diffusion_loss": {"first": float(np.mean(losses[:10])), "last": float(np.mean(losses[-10:]))},
+        "devices": str(jax.devices()[0]), "jax": jax.__version__, "log": log,
+    }
+    (out / "training_log.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run (seconds per stage)")
+    p.add_argument("--steps", type=int, help="diffusion steps (default: the recipe's)")
+    p.add_argument("--vae-steps", type=int, help="VAE steps (default: the recipe's)")
+    args = p.parse_args(argv)
+    r = Recipe.quick() if args.quick else Recipe()
+    over = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("vae_steps", args.vae_steps))
+            if v is not None}
+    r = dataclasses.replace(r, **over)
+    summary = run(r, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "log"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
