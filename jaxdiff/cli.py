@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 # Modules with a `register(subparsers)` function, each adding one subcommand (e.g. "jaxdiff.training.cli").
-COMMAND_MODULES: tuple[str, ...] = ("jaxdiff.bench",)
+COMMAND_MODULES: tuple[str, ...] = ("jaxdiff.bench", "jaxdiff.training.cli")
 
 # The bundled demo model `generate` uses without --model (not shipped yet: then --model is required).
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"

@@ -45,6 +45,8 @@ def _run(models, batch, mesh, **kw):
     return trainer, losses, jax.device_get(state)
 
 
+@pytest.mark.skip(reason="NOT YET VALIDATED, issue 6 open: written but never run to completion (each "
+                  "train-step compile took minutes on the loaded 2-core machine); enable once it has passed.")
 def test_layouts_and_accumulation_agree(setup):
     models, batch = setup
     devs = jax.devices()
@@ -75,6 +77,7 @@ def test_layouts_and_accumulation_agree(setup):
     print("max rel param diff vs 1 device:", report, "param scale", scale)
 
 
+@pytest.mark.skip(reason="NOT YET VALIDATED, issue 6 open: written but never run to completion.")
 def test_remat_and_bf16(setup):
     """remat recomputes the same gradients (<= 1e-6 rel-L2 per tensor, not bitwise: XLA may fuse the
     recomputed forward differently); bf16 compute over float32 masters gives finite float32 grads
