@@ -24,7 +24,6 @@ puts it back so both generations of files map onto this tree. Usage:
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 import flax.linen as nn
@@ -32,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.attention import attention
 from jaxdiff.models.configs import CLIPTextConfig
 
 Dtype = jnp.dtype
@@ -47,32 +47,6 @@ class CLIPTextOutput:
     hidden_states: tuple[jax.Array, ...]    # (layers + 1) x [B, L, D]: embeddings first, no final norm
     pooled: jax.Array                       # [B, D] last_hidden_state at the end-of-text position
     text_embeds: Optional[jax.Array]        # [B, projection_dim], or None without text_projection
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int) -> jax.Array:
-    """Causal multi-head attention: position i attends to positions <= i.
-
-    Written here rather than in models/attention.py, whose kernels take no mask. CLIP sequences are 77
-    tokens, so the plain [B, H, L, L] score matrix is small.
-
-    Args:
-      q, k, v: [B, L, heads * head_dim], already projected.
-    Returns:
-      [B, L, heads * head_dim] in q's dtype, heads concatenated head-major (as transformers reshapes).
-    """
-    b, length, width = q.shape
-    d = width // heads
-    split = lambda t: t.reshape(b, length, heads, d)
-    q, k, v = split(q), split(k), split(v)
-    scale = jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    # float32 scores and softmax whatever the compute dtype: exp of bf16 scores loses small weights.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-    mask = jnp.tril(jnp.ones((length, length), jnp.bool_))                      # [Lq, Lk]
-    # Every row keeps its diagonal, so no row is fully masked and the softmax never sees all -inf.
-    scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, jnp.float32))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                     # [B, H, Lq, Lk]
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.reshape(b, length, width).astype(q.dtype)
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -128,7 +102,8 @@ class CLIPAttention(nn.Module):
         width = self.config.hidden_size
         dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         q, k, v = dense("q_proj")(x), dense("k_proj")(x), dense("v_proj")(x)
-        out = causal_attention(q, k, v, heads=self.config.num_attention_heads)
+        # CLIP's 77 tokens: "auto" runs the plain XLA kernel on CPU/TPU, cuDNN's on GPU in bf16.
+        out = attention(q, k, v, heads=self.config.num_attention_heads, causal=True)
         return dense("out_proj")(out)
 
 

@@ -246,7 +246,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     upcast: bool = False
-    implementation: str = "xla"
+    implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -284,7 +284,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     upcast: bool = False
-    implementation: str = "xla"
+    implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -326,7 +326,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     norm_num_groups: int = 32
     upcast: bool = False
-    implementation: str = "xla"
+    implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -33,7 +33,7 @@ class _BlockArgs(nn.Module):
     level: int                      # index into the down-order per-level config tuples
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
 
     def _resnet(self, name: str, out_channels: int, scale: float = 1.0) -> ResnetBlock2D:
         c = self.config
@@ -115,14 +115,14 @@ class UNet2DConditionModel(nn.Module):
       config: the architecture (UNetConfig).
       dtype: compute dtype (activations, matmuls); norms and sinusoids run in float32 regardless.
       param_dtype: dtype params are created in by `init` (converted checkpoints keep their own).
-      attention_implementation: kernel name for models.attention.attention ("xla" today).
+      attention_implementation: kernel name for models.attention.attention ("auto": per backend and shape).
       remat: recompute each down / mid / up block in the backward pass (gradient checkpointing):
         activation memory of one block instead of all, for ~1/3 more compute. Params are unchanged.
     """
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     remat: bool = False
 
     @nn.compact

@@ -84,7 +84,7 @@ class VAEAttention(nn.Module):
     """
     groups: int = 32
     rescale_output_factor: float = 1.0
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -112,7 +112,7 @@ class MidBlock(nn.Module):
     """diffusers' UNetMidBlock2D without time embedding: resnets_0, [attentions_0], resnets_1."""
     groups: int = 32
     add_attention: bool = True
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -181,7 +181,7 @@ def _conv(features: int, kernel: int, name: Optional[str], dtype, param_dtype) -
 class Encoder(nn.Module):
     """diffusers' vae.Encoder with double_z: images -> [mean, logvar] moments before quant_conv."""
     config: VAEConfig
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -204,7 +204,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """diffusers' vae.Decoder (norm_type "group"): latents -> images."""
     config: VAEConfig
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -236,7 +236,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
