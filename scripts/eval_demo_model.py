@@ -69,6 +69,9 @@ def evaluate(model: Path, n: int = 200, *, seed: int = 0, steps: int = 25, sampl
 def _save_grid(images: np.ndarray, truth: np.ndarray, path: Path) -> None:
     """Generated images (rows of 8) above their ground-truth renderings."""
     from PIL import Image
+    if images.shape[1] != truth.shape[1]:   # a model generating at another size: nearest-resize to match
+        k = truth.shape[1] // images.shape[1]
+        images = np.repeat(np.repeat(images, k, axis=1), k, axis=2)
     rows = lambda x: np.concatenate([np.concatenate(list(x[i:i + 8]), 1) for i in range(0, len(x) - 7, 8)], 0)  # noqa: E731
     Image.fromarray(np.concatenate([rows(images), rows(truth)], 0)).save(path)
 
