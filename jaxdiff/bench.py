@@ -134,7 +134,7 @@ def preset_configs(name: str) -> dict[str, Any]:
     raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
 
 
-def build_pipeline(model: str, *, dtype: str = "float32", attention: str = "xla", seed: int = 0,
+def build_pipeline(model: str, *, dtype: str = "float32", attention: str = "auto", seed: int = 0,
                    params: dict[str, Any] | None = None):
     """A Pipeline for a preset name (random weights, or `params` given per component) or a model path.
 
@@ -491,7 +491,7 @@ def finish(raw: dict, *, case: Case, model: str, dtype: str, attention: str, mes
     return record
 
 
-def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str = "xla",
+def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str = "auto",
         devices: int | None = None, fsdp: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
         compile_cache: str | None = None, cached_compile: bool = True, pipe=None, log=None) -> dict:
     """Measures every case; returns {"device", "versions", "created", "results": [record, ...]}.
@@ -588,8 +588,9 @@ def add_arguments(p) -> None:
     p.add_argument("--size", default=None, type=_sizes, metavar="HxW[,...]",
                    help="image size(s) in pixels, e.g. 512 or 512x768 (default: the model's own)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute and param dtype")
-    p.add_argument("--attention", default="xla", metavar="KERNEL",
-                   help="attention kernel for the UNet and VAE (jaxdiff.models.attention; default xla)")
+    p.add_argument("--attention", default="auto", metavar="KERNEL",
+                   help="attention kernel for the UNet and VAE (jaxdiff.models.attention: auto (default, the "
+                        "library's choice per backend and shape), xla, chunked, cudnn, splash)")
     p.add_argument("--sampler", default="euler", metavar="NAME", help="pipeline sampler (default euler)")
     p.add_argument("--steps", default=20, type=_int_at_least(1), metavar="N", help="pipeline steps (default 20)")
     p.add_argument("--guidance", default=7.5, type=_float_in(0.0, 100.0), metavar="G",
