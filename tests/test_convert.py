@@ -66,7 +66,10 @@ def test_mismatch_is_listed(edit, word):
 
 def test_ignore_patterns_drop_buffers():
     src = _source() | {"text_model.embeddings.position_ids": np.arange(3)}
-    dl.convert_state_dict(src, _target(), ignore=("*.position_ids",))
+    out = dl.convert_state_dict(src, _target(), ignore=("*.position_ids",))
+    assert set(dl.flatten(out)) == set(dl.flatten(_target()))
+    with pytest.raises(CheckpointError, match="left over"):  # without the pattern the buffer is an error
+        dl.convert_state_dict(src, _target())
 
 
 def test_safetensors_roundtrip_matches_reference_library(tmp_path):
