@@ -33,6 +33,8 @@ import jax.numpy as jnp
 
 from jaxdiff.models.attention import attention
 from jaxdiff.models.configs import CLIPTextConfig
+# float32 statistics with torch's two-pass variance: bf16 statistics of CLIP's residual stream are far off.
+from jaxdiff.models.layers import LayerNorm
 
 Dtype = jnp.dtype
 
@@ -55,36 +57,6 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     if name == "gelu":        # exact (erf) GELU, as torch.nn.functional.gelu
         return jax.nn.gelu(x, approximate=False)
     raise ValueError(f"unsupported hidden_act {name!r}")
-
-
-class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis, params `scale` and `bias`. [..., D] -> [..., D].
-
-    Statistics and the affine map are computed in float32 whatever the compute dtype (bf16 statistics
-    of CLIP's large residual stream are far off), with the two-pass variance torch uses rather than
-    E[x^2] - E[x]^2, which cancels badly on large values. The result is cast to `dtype`.
-    """
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        centered = x - mean
-        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-        y = centered * jax.lax.rsqrt(var + jnp.asarray(self.epsilon, jnp.float32))
-        y = y * _lead(scale, y.ndim) + _lead(bias, y.ndim)
-        return y.astype(self.dtype)
-
-
-def _lead(v: jax.Array, ndim: int) -> jax.Array:
-    """[D] float32 with leading unit axes to rank `ndim` (rank promotion is an error in jaxdiff's tests)."""
-    return v.astype(jnp.float32).reshape((1,) * (ndim - 1) + v.shape)
 
 
 def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
