@@ -53,6 +53,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=("full", "dots"), default=None, help="recompute the UNet in backward")
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--fsdp", type=int, default=1, help="devices sharing each param shard")
+    p.add_argument("--devices", type=int, default=None,
+                   help="train on this process's first N devices (default: every device of every process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--keep-last", type=int, default=3)
@@ -89,35 +91,85 @@ def build(args):
                           max_grad_norm=args.max_grad_norm or None, schedule=args.lr_schedule,
                           warmup_steps=args.warmup, total_steps=args.steps),
         ema=ema)
-    trainer = Trainer(Models.from_pipeline(pipe, compute), cfg)
+    mesh = None
+    if args.devices is not None:
+        import jax
+
+        from jaxdiff import sharding
+        if jax.process_count() > 1 or not 1 <= args.devices <= jax.local_device_count():
+            raise ConfigError(f"--devices {args.devices}: expected 1..{jax.local_device_count()} on a single "
+                              f"process ({jax.process_count()} processes here)")
+        mesh = sharding.make_mesh(jax.devices()[:args.devices], fsdp=args.fsdp)
+    trainer = Trainer(Models.from_pipeline(pipe, compute), cfg, mesh=mesh)
     dcfg = D.DataConfig(resolution=args.resolution, center_crop=not args.random_crop,
                         random_flip=args.random_flip, caption_dropout=args.caption_dropout,
                         caption_column=args.caption_column)
+    sdxl = pipe.unet.config.addition_embed_type == "text_time"
+    if sdxl and pipe.text_encoder is None:
+        raise ConfigError("training a refiner-style model (text_encoder_2 only, aesthetic-score time ids) "
+                          "is not supported")
     tokenize = None
     if args.data == "synthetic":
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        f = pipe.vae.config.downsample_factor
         h = args.resolution // f
+        pooled = pipe.text_encoder_2.config.projection_dim if sdxl else None
         dataset = D.Synthetic(max(args.batch * 64, 1024), (h, h, pipe.unet.config.in_channels),
-                              (77, pipe.unet.config.cross_attention_dim))
+                              (77, pipe.unet.config.cross_attention_dim), pooled_dim=pooled, vae_factor=f)
     elif (Path(args.data) / "moments.npy").is_file():
         dataset = D.Cached(args.data, args.caption_dropout)
     else:
-        if pipe.is_sdxl:
-            raise ConfigError("SDXL training from images needs cached embeddings for now: pass --cache-latents")
-        folder = D.ImageFolder(args.data, dcfg)
+        folder = D.ImageFolder(args.data, dcfg, time_ids=sdxl)
         if args.cache_latents:
             if args.train_text_encoder:
                 raise ConfigError("--cache-latents freezes the text encoder; drop --train-text-encoder")
             cache = Path(args.out) / "cache"
             if not (cache / "moments.npy").is_file():
-                D.cache_dataset(folder, cache, encode_images=_vae_moments(pipe),
-                                encode_text=lambda caps: pipe.text_encoder(pipe.tokenizer(caps)).last_hidden_state)
+                D.cache_dataset(folder, cache, encode_images=_vae_moments(pipe), encode_text=text_encoder_fn(pipe))
             dataset = D.Cached(cache, args.caption_dropout)
         else:
             dataset = folder
-            tokenize = lambda caps: {"input_ids": pipe.tokenizer(caps)}  # noqa: E731
+            tokenize = tokenizer_fn(pipe)
+    if isinstance(dataset, D.Cached) and sdxl != (dataset.text_embeds is not None):
+        raise ConfigError(f"{args.data}: a {'non-' * sdxl}SDXL latent cache does not fit this "
+                          f"{'SDXL' if sdxl else 'non-SDXL'} model")
     loader = D.Loader(dataset, global_batch=args.batch, seed=args.seed, tokenize=tokenize)
     return trainer, loader, pipe
+
+
+def tokenizer_fn(pipe):
+    """captions -> the token-id batch keys the train step reads ("input_ids", SDXL also "input_ids_2")."""
+    def tokenize(captions):
+        ids = {"input_ids": pipe.tokenizer(captions)}
+        if pipe.text_encoder_2 is not None:
+            ids["input_ids_2"] = pipe.tokenizer_2(captions)
+        return ids
+    return tokenize
+
+
+def text_encoder_fn(pipe):
+    """captions -> what a latent cache stores: the context [b, 77, D] (SD1/SD2), or for SDXL
+    {"context": both encoders' penultimate states [b, 77, D1 + D2], "text_embeds": pooled [b, P]},
+    by the same rules as generation (jaxdiff.prompts.encode) and the uncached train step."""
+    import jax
+    import numpy as np
+
+    from jaxdiff import prompts
+
+    spec = prompts.encoder_spec(pipe)
+    params = {name: getattr(pipe, name).params for name in spec.names}
+    encode = jax.jit(lambda p, ids: prompts.encode(spec, p, ids, None))
+    tokenize = tokenizer_fn(pipe)
+
+    def run(captions):
+        tokens = tokenize(captions)
+        ids = {"text_encoder": tokens["input_ids"]}
+        if "input_ids_2" in tokens:
+            ids["text_encoder_2"] = tokens["input_ids_2"]
+        context, pooled = encode(params, ids)
+        if pooled is None:
+            return np.asarray(context)
+        return {"context": np.asarray(context), "text_embeds": np.asarray(pooled)}
+    return run
 
 
 def _vae_moments(pipe):
@@ -130,7 +182,7 @@ def _vae_moments(pipe):
 
 
 def pipeline_with_params(pipe, params):
-    """A Pipeline sharing `pipe`'s modules, tokenizers and scheduler, with `params` per component."""
+    """A Pipeline sharing `pipe`'s modules, tokenizers, scheduler and options, with `params` per component."""
     import jax
 
     from jaxdiff.pipeline import Pipeline
@@ -140,23 +192,46 @@ def pipeline_with_params(pipe, params):
         p = jax.device_get(params[name]) if name in params else comp.params
         parts[name] = type(comp)(comp.module, p, comp.config)
     return Pipeline(**parts, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
-                    scheduler_config=pipe.scheduler_config, pipeline_class=pipe.pipeline_class)
+                    scheduler_config=pipe.scheduler_config, pipeline_class=pipe.pipeline_class,
+                    options=pipe.options)
+
+
+def _swap_params(vpipe, params) -> None:
+    """Give `vpipe` (and its default-mesh generation runner) new params in place. The runner keeps its
+    compiled program: a fresh Pipeline would compile the whole generation program again at every
+    validation."""
+    import jax
+
+    from jaxdiff import sharding
+
+    for name, comp in vpipe.components().items():
+        if name in params:
+            comp.params = jax.device_get(params[name])
+    runner = vpipe.runner()
+    runner.params = sharding.shard_params({n: c.params for n, c in vpipe.components().items()},
+                                          sharding.replicated(runner.mesh))
 
 
 def _validator(args, pipe):
-    """Validation images from fixed prompts and seeds (prompt i uses seed i) with the current params."""
+    """Validation images from fixed prompts and seeds (prompt i uses seed i) with the current params
+    (the EMA when one is kept, as the final export): OUT/validation/<step:08d>/<i:02d>.png."""
     if not args.validation_prompt or not args.validate_every:
         return None
+    held = []  # the validation pipeline, built at the first validation
 
     def validate(trainer, state, step):
         from PIL import Image
 
-        vpipe = pipeline_with_params(pipe, trainer.model_params(state, ema=state.ema is not None))
+        params = trainer.model_params(state, ema=state.ema is not None)
+        if held:
+            _swap_params(held[0], params)
+        else:
+            held.append(pipeline_with_params(pipe, params))
         folder = Path(args.out) / "validation" / f"{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, prompt in enumerate(args.validation_prompt):
-            img = vpipe(prompt, height=args.resolution, width=args.resolution, steps=args.validation_steps,
-                        seed=i).images[0]
+            img = held[0](prompt, height=args.resolution, width=args.resolution, steps=args.validation_steps,
+                          seed=i).images[0]
             Image.fromarray(img).save(folder / f"{i:02d}.png")
     return validate
 

@@ -106,14 +106,25 @@ def load_image(path: Path, cfg: DataConfig, rng: np.random.Generator) -> np.ndar
 
     Returns float32 [R, R, 3] in [-1, 1].
     """
+    return load_image_and_time_ids(path, cfg, rng)[0]
+
+
+def load_image_and_time_ids(path: Path, cfg: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`load_image` plus SDXL's size conditioning for it.
+
+    Returns (pixels float32 [R, R, 3] in [-1, 1], time_ids float32 [6]) with time_ids =
+    (original height, original width, crop top, crop left, R, R) as diffusers'
+    train_text_to_image_sdxl.py builds them: the size before resizing, and the crop's corner in the
+    resized image as the model sees it (mirrored when the image is flipped).
+    """
     from PIL import Image
 
     r = cfg.resolution
     with Image.open(path) as im:
         im = im.convert("RGB")
-        w, h = im.size
-        scale = r / min(w, h)
-        im = im.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
+        w0, h0 = im.size
+        scale = r / min(w0, h0)
+        im = im.resize((max(r, round(w0 * scale)), max(r, round(h0 * scale))), Image.BICUBIC)
         w, h = im.size
         if cfg.center_crop:
             top, left = (h - r) // 2, (w - r) // 2
@@ -122,14 +133,18 @@ def load_image(path: Path, cfg: DataConfig, rng: np.random.Generator) -> np.ndar
         arr = np.asarray(im.crop((left, top, left + r, top + r)), dtype=np.float32)
     if cfg.random_flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr / 127.5 - 1.0)
+        left = w - r - left  # diffusers flips the resized image, then crops: the corner is mirrored
+    time_ids = np.array([h0, w0, top, left, r, r], np.float32)
+    return np.ascontiguousarray(arr / 127.5 - 1.0), time_ids
 
 
 class ImageFolder:
-    """Samples {"pixels": [R, R, 3], "caption": str} from an image folder."""
+    """Samples {"pixels": [R, R, 3], "caption": str} from an image folder, plus "time_ids" [6] (SDXL
+    size conditioning, see `load_image_and_time_ids`) when `time_ids` is set."""
 
-    def __init__(self, root: str | os.PathLike, cfg: DataConfig = DataConfig()):
+    def __init__(self, root: str | os.PathLike, cfg: DataConfig = DataConfig(), *, time_ids: bool = False):
         self.cfg = cfg
+        self.time_ids = time_ids
         self.records = scan_folder(root, cfg)
 
     def __len__(self) -> int:
@@ -137,16 +152,21 @@ class ImageFolder:
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         path, caption = self.records[index]
-        pixels = load_image(path, self.cfg, rng)
+        pixels, time_ids = load_image_and_time_ids(path, self.cfg, rng)
         if self.cfg.caption_dropout and rng.random() < self.cfg.caption_dropout:
             caption = ""
-        return {"pixels": pixels, "caption": caption}
+        sample = {"pixels": pixels, "caption": caption}
+        if self.time_ids:
+            sample["time_ids"] = time_ids
+        return sample
 
 
 class Cached:
-    """Samples from precomputed arrays: {"moments": [h, w, 2C], "context": [L, D]} per index.
+    """Samples from precomputed arrays: {"moments": [h, w, 2C], "context": [L, D]} per index, plus
+    "text_embeds" [P] and "time_ids" [6] for SDXL caches.
 
-    Build with `cache_dataset`; caption dropout swaps in the cached empty-prompt context.
+    Build with `cache_dataset`; caption dropout swaps in the cached empty-prompt context (and pooled
+    embedding), as dropping the caption before encoding does.
     """
 
     def __init__(self, folder: str | os.PathLike, caption_dropout: float = 0.0):
@@ -157,54 +177,95 @@ class Cached:
             self.empty = np.load(folder / "empty_context.npy")
         except FileNotFoundError as e:
             raise DataError(f"{folder}: not a latent cache ({e.filename} missing)") from None
+        # SDXL caches only: all three files or none.
+        sdxl = [folder / f"{n}.npy" for n in ("text_embeds", "empty_text_embeds", "time_ids")]
+        present = [p.is_file() for p in sdxl]
+        if any(present) and not all(present):
+            raise DataError(f"{folder}: incomplete SDXL cache ({sdxl[present.index(False)].name} missing)")
+        self.text_embeds = np.load(sdxl[0], mmap_mode="r") if all(present) else None
+        self.empty_text_embeds = np.load(sdxl[1]) if all(present) else None
+        self.time_ids = np.load(sdxl[2], mmap_mode="r") if all(present) else None
         self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
         return len(self.moments)
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        ctx = self.context[index]
-        if self.caption_dropout and rng.random() < self.caption_dropout:
-            ctx = self.empty
-        return {"moments": np.asarray(self.moments[index]), "context": np.asarray(ctx)}
+        drop = bool(self.caption_dropout and rng.random() < self.caption_dropout)
+        sample = {"moments": np.asarray(self.moments[index]),
+                  "context": np.asarray(self.empty if drop else self.context[index])}
+        if self.text_embeds is not None:
+            sample["text_embeds"] = np.asarray(self.empty_text_embeds if drop else self.text_embeds[index])
+            sample["time_ids"] = np.asarray(self.time_ids[index])
+        return sample
 
 
 def cache_dataset(folder: ImageFolder, out: str | os.PathLike, *, encode_images: Callable, encode_text: Callable,
                   batch_size: int = 8) -> Path:
-    """Run the VAE and text encoder once over a folder (center crop, no flip) and store the results.
+    """Run the VAE and text encoder(s) once over a folder (center crop, no flip) and store the results.
 
     Args:
       encode_images: pixels [b, R, R, 3] -> VAE moments [b, h, w, 2C] (mean ++ logvar).
-      encode_text: list of b captions -> context [b, L, D].
+      encode_text: list of b captions -> context [b, L, D], or (SDXL) a mapping with "context" [b, L, D]
+        and "text_embeds" [b, P] (the pooled projection); SDXL caches also store each image's time ids.
+    Returns:
+      `out`, holding moments.npy, context.npy, empty_context.npy (the "" prompt) and for SDXL
+      text_embeds.npy, empty_text_embeds.npy, time_ids.npy.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     frozen = dataclasses.replace(folder.cfg, center_crop=True, random_flip=False)
-    moments, context = [], []
+    arrays: dict[str, list[np.ndarray]] = {"moments": [], "context": [], "text_embeds": [], "time_ids": []}
     for start in range(0, len(folder), batch_size):
         idx = range(start, min(start + batch_size, len(folder)))
-        pixels = np.stack([load_image(folder.records[i][0], frozen, sample_rng(0, 0, i)) for i in idx])
-        moments.append(np.asarray(encode_images(pixels), np.float32))
-        context.append(np.asarray(encode_text([folder.records[i][1] for i in idx]), np.float32))
-    np.save(out / "moments.npy", np.concatenate(moments))
-    np.save(out / "context.npy", np.concatenate(context))
-    np.save(out / "empty_context.npy", np.asarray(encode_text([""]), np.float32)[0])
+        loaded = [load_image_and_time_ids(folder.records[i][0], frozen, sample_rng(0, 0, i)) for i in idx]
+        arrays["moments"].append(np.asarray(encode_images(np.stack([px for px, _ in loaded])), np.float32))
+        text = _text_arrays(encode_text([folder.records[i][1] for i in idx]))
+        arrays["context"].append(text["context"])
+        if "text_embeds" in text:
+            arrays["text_embeds"].append(text["text_embeds"])
+            arrays["time_ids"].append(np.stack([t for _, t in loaded]))
+    for name, parts in arrays.items():
+        if parts:
+            np.save(out / f"{name}.npy", np.concatenate(parts))
+    empty = _text_arrays(encode_text([""]))
+    np.save(out / "empty_context.npy", empty["context"][0])
+    if "text_embeds" in empty:
+        np.save(out / "empty_text_embeds.npy", empty["text_embeds"][0])
     return out
 
 
-class Synthetic:
-    """Random latents and contexts, a pure function of the index (benchmarks, tests)."""
+def _text_arrays(encoded) -> dict[str, np.ndarray]:
+    """encode_text's result -> {"context": float32 [b, L, D], "text_embeds"?: float32 [b, P]}."""
+    if isinstance(encoded, Mapping):
+        return {k: np.asarray(v, np.float32) for k, v in encoded.items() if k in ("context", "text_embeds")}
+    return {"context": np.asarray(encoded, np.float32)}
 
-    def __init__(self, size: int, latent_shape: Sequence[int], context_shape: Sequence[int]):
+
+class Synthetic:
+    """Random latents and contexts, a pure function of the index (benchmarks, tests).
+
+    pooled_dim: also give SDXL's "text_embeds" [pooled_dim] (random) and "time_ids" [6] (an uncropped
+    square image of the latent size times `vae_factor`).
+    """
+
+    def __init__(self, size: int, latent_shape: Sequence[int], context_shape: Sequence[int], *,
+                 pooled_dim: int | None = None, vae_factor: int = 8):
         self.size, self.latent_shape, self.context_shape = size, tuple(latent_shape), tuple(context_shape)
+        self.pooled_dim, self.vae_factor = pooled_dim, vae_factor
 
     def __len__(self) -> int:
         return self.size
 
     def get(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         g = np.random.default_rng([index, 0xDA7A])
-        return {"latents": g.standard_normal(self.latent_shape, dtype=np.float32),
-                "context": g.standard_normal(self.context_shape, dtype=np.float32)}
+        sample = {"latents": g.standard_normal(self.latent_shape, dtype=np.float32),
+                  "context": g.standard_normal(self.context_shape, dtype=np.float32)}
+        if self.pooled_dim:
+            h, w = (self.vae_factor * n for n in self.latent_shape[:2])
+            sample["text_embeds"] = g.standard_normal((self.pooled_dim,), dtype=np.float32)
+            sample["time_ids"] = np.array([h, w, 0, 0, h, w], np.float32)
+        return sample
 
 
 class Loader:
