@@ -17,14 +17,25 @@ from jaxdiff.training.trainer import Models, TrainConfig, Trainer
 B = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """XLA's cheap pipeline for this module only (compiles dominate its time; the comparisons are between
+    programs compiled the same way, and the tolerances hold)."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="module")
 def setup():
-    # One level (fewer ops: the compile dominates this test's time), with cross-attention.
+    # One level and cross-attention only in the mid block (fewer ops: compiles dominate this module's time).
     cfg = UNetConfig(sample_size=8, block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
-                     down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                     down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
                      attention_head_dim=2, cross_attention_dim=16)
     unet = UNet2DConditionModel(cfg)
-    params = unet.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 4, 16)))
+    params = jax.jit(unet.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                                jnp.zeros((1, 4, 16)))
     models = Models(unet=unet, params={"unet": params["params"]},
                     scheduler=schedules.SchedulerConfig(prediction_type="v_prediction"))
     rng = np.random.default_rng(0)
@@ -34,7 +45,14 @@ def setup():
 
 
 def _run(models, batch, mesh, **kw):
-    cfg = TrainConfig(batch_size=B, seed=1, optim=OptimConfig(lr=1e-4), ema=EMAConfig(decay=0.9),
+    # Adam's eps is 1e-3, not 1e-8: with eps far below a gradient element, Adam's step is lr * sign(g)
+    # and an element whose gradient is itself at the level of float32 summation noise can move by up to
+    # lr between layouts. Measured with eps=1e-8 (dp8 vs 1 device): gradients agree to 2.5e-6
+    # per-tensor rel-L2, but up_blocks_0/resnets_0/conv1/kernel differs by 3.7e-5 of its max after
+    # two steps, at an element whose gradient is 1.5e-9 (< eps). With eps above the noise the update is
+    # a smooth function of the gradient, so the bound below measures the layouts, not Adam's
+    # conditioning.
+    cfg = TrainConfig(batch_size=B, seed=1, optim=OptimConfig(lr=1e-4, eps=1e-3), ema=EMAConfig(decay=0.9),
                       loss=LossConfig(snr_gamma=5.0, noise_offset=0.05), **kw)
     trainer = Trainer(models, cfg, mesh=mesh)
     state = trainer.init_state()
@@ -45,8 +63,6 @@ def _run(models, batch, mesh, **kw):
     return trainer, losses, jax.device_get(state)
 
 
-@pytest.mark.skip(reason="NOT YET VALIDATED, issue 6 open: written but never run to completion (each "
-                  "train-step compile took minutes on the loaded 2-core machine); enable once it has passed.")
 def test_layouts_and_accumulation_agree(setup):
     models, batch = setup
     devs = jax.devices()
@@ -77,7 +93,6 @@ def test_layouts_and_accumulation_agree(setup):
     print("max rel param diff vs 1 device:", report, "param scale", scale)
 
 
-@pytest.mark.skip(reason="NOT YET VALIDATED, issue 6 open: written but never run to completion.")
 def test_remat_and_bf16(setup):
     """remat recomputes the same gradients (<= 1e-6 rel-L2 per tensor, not bitwise: XLA may fuse the
     recomputed forward differently); bf16 compute over float32 masters gives finite float32 grads
