@@ -72,32 +72,55 @@ class Kind:
     canonical_keys: Callable[[dict], dict] = dict      # puts upstream key variants in one form
 
     def param_shapes(self, config) -> dict:
-        """The param tree as jax.ShapeDtypeStruct leaves, computed without allocating anything."""
+        """The param tree as jax.ShapeDtypeStruct leaves, computed without allocating anything.
+
+        Tracing `module.init` costs about a second of CPU for even a tiny UNet, and loading, tests and
+        training scripts ask for the same config again and again, so the tree is kept per (kind,
+        config); each call returns fresh dicts over the shared, immutable leaves.
+        """
+        key = (self, config)
+        try:
+            tree = _SHAPES_CACHE.get(key)
+        except TypeError:  # a config with an unhashable field is traced every time
+            return self._trace_param_shapes(config)
+        if tree is None:
+            tree = _SHAPES_CACHE[key] = self._trace_param_shapes(config)
+        return jax.tree_util.tree_map(lambda leaf: leaf, tree)
+
+    def _trace_param_shapes(self, config) -> dict:
         module = self.build(config, jnp.float32)
         args, method = self.init_args(config)
-        tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, method=method))
-        return tree["params"]
+        # The example inputs and the PRNG key are made inside the trace: built eagerly, each would
+        # compile a tiny XLA program of its own (a zeros per shape, the key's seeding).
+        init = lambda: module.init(jax.random.PRNGKey(0), *(make() for make in args), method=method)
+        return jax.eval_shape(init)["params"]
 
     def component(self, config, params, dtype) -> Component:
         return self.wrapper(self.build(config, dtype), params, config)
 
 
+# init_args: config -> (example inputs for module.init as zero-argument makers, method). The makers
+# run inside Kind.param_shapes's trace.
+
+def _zeros(shape, dtype=jnp.float32):
+    return lambda: jnp.zeros(shape, dtype)
+
+
 def _unet_init(cfg: UNetConfig):
-    added = None
+    added = lambda: None
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        added = {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
-    args = (jnp.zeros((1, 8, 8, cfg.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, 4, cfg.cross_attention_dim)), added)
+        added = lambda: {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
+    args = (_zeros((1, 8, 8, cfg.in_channels)), _zeros((1,)), _zeros((1, 4, cfg.cross_attention_dim)), added)
     return args, None
 
 
 def _vae_init(cfg: VAEConfig):
-    return (jnp.zeros((1, 8, 8, cfg.in_channels)),), None
+    return (_zeros((1, 8, 8, cfg.in_channels)),), None
 
 
 def _clip_init(cfg: CLIPTextConfig):
-    return (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),), None
+    return (_zeros((1, cfg.max_position_embeddings), jnp.int32),), None
 
 
 UNET = Kind(UNet, UNetConfig, lambda c, d: UNet2DConditionModel(config=c, dtype=d), _unet_init,
@@ -106,6 +129,8 @@ VAE_KIND = Kind(VAE, VAEConfig, lambda c, d: AutoencoderKL(config=c, dtype=d), _
                 "diffusion_pytorch_model")
 CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dtype=d), _clip_init,
             "model", ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
+
+_SHAPES_CACHE: dict = {}  # (Kind, config) -> param tree of jax.ShapeDtypeStruct (see Kind.param_shapes)
 
 # Upstream class names (model_index.json / config.json "_class_name" or "architectures") -> kind.
 KINDS = {
@@ -119,7 +144,11 @@ NATIVE_KINDS = {"UNet": UNET, "VAE": VAE_KIND, "TextEncoder": CLIP}
 
 
 def cast_params(params, dtype):
-    """Casts float leaves to `dtype` on the host (numpy) and moves them to the default device."""
+    """Casts float leaves to `dtype` on the host (numpy) and moves them to the default device.
+
+    jax.device_put, not jnp.asarray: in jax >= 0.9 jnp.asarray of a numpy array runs the `stage`
+    primitive, which compiles one small XLA program per distinct leaf shape (about 50 for a tiny model).
+    """
     dtype = jnp.dtype(dtype)
     return jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a), params)
+        lambda a: jax.device_put(a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a), params)
