@@ -1,6 +1,7 @@
 """Kind.param_shapes (traced once per config, inputs made inside the trace) gives exactly the tree the
 plain `jax.eval_shape(module.init)` gives, for every config preset the tests use; cast_params keeps
 values and dtypes."""
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -73,3 +74,41 @@ def test_cast_params_values_and_dtypes():
     np.testing.assert_array_equal(np.asarray(out["a"]["kernel"], np.float32), params["a"]["kernel"])
     assert out["ids"].dtype == jnp.int32  # only float leaves are cast
     np.testing.assert_array_equal(np.asarray(out["ids"]), params["ids"])
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    """JAX's persistent compilation cache pointed at tmp_path for one test (restored afterwards)."""
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_enable_compilation_cache", True)
+    yield tmp_path
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_enable_compilation_cache", before[1])
+
+
+def test_disk_cache_across_processes(compile_cache, monkeypatch):
+    """With the compilation cache on, a tree traced once is read back by a later process (simulated by
+    emptying the in-process cache) without tracing; an unreadable file is traced again."""
+    config = VAEConfig.tiny()
+    components._SHAPES_CACHE.clear()
+    want = _reference(VAE_KIND, config)
+    assert VAE_KIND.param_shapes(config) == want
+    files = list((compile_cache / "jaxdiff-param-shapes").glob("*.json"))
+    assert len(files) == 1
+
+    components._SHAPES_CACHE.clear()
+    traced = []
+    original = components.Kind._trace_param_shapes
+    monkeypatch.setattr(components.Kind, "_trace_param_shapes",
+                        lambda self, cfg: traced.append(cfg) or original(self, cfg))
+    assert VAE_KIND.param_shapes(config) == want and not traced
+
+    components._SHAPES_CACHE.clear()
+    files[0].write_text("{not json")
+    assert VAE_KIND.param_shapes(config) == want and traced == [config]
+
+    # Another config is another file (and another tree).
+    other = dataclasses.replace(config, latent_channels=8)
+    assert VAE_KIND.param_shapes(other) == _reference(VAE_KIND, other) != want
+    assert len(list((compile_cache / "jaxdiff-param-shapes").glob("*.json"))) == 2
