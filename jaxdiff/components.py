@@ -130,7 +130,8 @@ def _models_source_digest() -> str:
 def _shapes_file(kind: Kind, config) -> Path | None:
     """Where the on-disk param-shape cache keeps this (kind, config), or None when it is off."""
     root = jax.config.jax_compilation_cache_dir
-    if not root or not jax.config.jax_enable_compilation_cache:
+    # Only a local folder: JAX also takes URLs (gs://...), which pathlib would make a local "gs:" folder.
+    if not root or "://" in str(root) or not jax.config.jax_enable_compilation_cache:
         return None
     digest = hashlib.sha256()
     for part in (jax.__version__, flax.__version__, _models_source_digest(), kind.wrapper.__name__,

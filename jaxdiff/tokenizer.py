@@ -82,7 +82,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_BYTE_CHARS = [bytes_to_unicode()[b] for b in range(256)]
+_BYTE_CHARS = [char for _, char in sorted(bytes_to_unicode().items())]  # byte value -> character
 _char_kinds: dict[str, int] = {}
 
 
