@@ -84,19 +84,19 @@ def test_layouts_and_accumulation_agree(setup):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         leaves = jax.tree.leaves((st.trainable, st.opt_state, st.ema))
         assert len(leaves) == len(ref_leaves)
+        # per leaf of params, Adam moments and EMA: max |diff| relative to that leaf's max |value|
         worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-                    / max(float(np.max(np.abs(b))), 1e-12)
-                    for a, b in zip(jax.tree.leaves(st.trainable), jax.tree.leaves(ref.trainable)))
+                    / max(float(np.max(np.abs(b))), 1e-12) for a, b in zip(leaves, ref_leaves))
         report[name] = worst
         assert worst <= 1e-5, (name, worst)
         np.testing.assert_array_equal(np.asarray(st.step), 2)
-    print("max rel param diff vs 1 device:", report, "param scale", scale)
+    print("max rel state diff vs 1 device:", report, "param scale", scale)
 
 
 def test_remat_and_bf16(setup):
     """remat recomputes the same gradients (<= 1e-6 rel-L2 per tensor, not bitwise: XLA may fuse the
-    recomputed forward differently); bf16 compute over float32 masters gives finite float32 grads
-    close to the float32 ones."""
+    recomputed forward differently; measured 7.0e-7); bf16 compute over float32 masters gives finite
+    float32 grads close to the float32 ones (loss 1.5e-4 relative, measured)."""
     models, batch = setup
     mesh = sharding.make_mesh(jax.devices()[:1])
     grads = {}
@@ -111,3 +111,10 @@ def test_remat_and_bf16(setup):
     assert max(rel(a, b) for a, b in zip(grads["remat"][1], grads["f32"][1])) <= 1e-6
     assert all(a.dtype == np.float32 and np.all(np.isfinite(a)) for a in grads["bf16"][1])
     assert abs(grads["bf16"][0] - grads["f32"][0]) <= 2e-2 * grads["f32"][0]
+    # bf16 rounds each activation to 2^-8 relative; through the net's ~20 layers the worst tensor's
+    # gradient differs by 3.4% rel-L2 (measured); a cast in the wrong place (e.g. bf16 master weights
+    # or a bf16 loss reduction) shows up well above 10%.
+    assert max(rel(a, b) for a, b in zip(grads["bf16"][1], grads["f32"][1])) <= 0.1
+    print("remat grad rel-L2", max(rel(a, b) for a, b in zip(grads["remat"][1], grads["f32"][1])),
+          "bf16 loss rel", abs(grads["bf16"][0] - grads["f32"][0]) / grads["f32"][0],
+          "bf16 grad rel-L2", max(rel(a, b) for a, b in zip(grads["bf16"][1], grads["f32"][1])))
