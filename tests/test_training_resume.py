@@ -1,17 +1,19 @@
-"""`jaxdiff train` on a real image folder, checkpointing every 2 steps: a run SIGKILLed while writing its
-step-4 checkpoint resumes (in a new process) from the last complete one (step 2) and ends bitwise equal
-to a straight 4-step run: params, optimizer state, EMA, PRNG key, data position and the logged losses and grad norms.
+"""`jaxdiff train` on a real image folder, checkpointing every 2 steps: a run SIGKILLed while writing
+its step-4 checkpoint resumes (in a new process) from the last complete one (step 2) and ends bitwise
+equal to a straight 4-step run: params, optimizer state, EMA, PRNG key, data position, and the logged
+losses and grad norms.
 
 Determinism (issue 6's "grad_norm differs in the 7th digit between two processes"): not reproducible,
-and not a property of XLA's CPU runtime on this setup. On the tiny SD1 pipeline, 2-device mesh, the
-CLI flags below, step 1 gave bitwise-equal loss, grad_norm and params (sha1 of every leaf) in:
-5 fresh processes of the current code and 3 of commit 9cd35d5 (where the skip was added), each with a
-freshly compiled or a persistent-cache executable; with `--xla_cpu_multi_thread_eigen=false`; under
-`taskset -c 0` (one intra-op thread instead of two); and 32 repeated `loss_and_grads` calls in two
-processes, one of them next to a concurrent load. (With 2 devices the gradient all-reduce adds two
-operands, which is exact in either order.) The observation was most likely two processes importing
-different model code: the three subprocesses read jaxdiff from the shared working tree over ~5
-minutes, and the attention / GroupNorm rewrite (22ac8cb) was being edited there and was committed
+and not a property of XLA's CPU runtime on this setup. With the previous version of this test (tiny
+SD1 pipeline from tests/tiny_pipelines.py, 16 px, 2-device mesh, three processes) un-skipped, it
+passed bitwise. Step 1 of that setup gave bitwise-equal loss, grad_norm and params (sha1 of every
+leaf) in 7 processes of the current code (2 compiling fresh, 5 loading the persistent-cache
+executable, 3 of them running at once) and 3 of commit 9cd35d5 (where the skip was added); with
+`--xla_cpu_multi_thread_eigen=false`; under `taskset -c 0` (one intra-op thread instead of two); and
+over 32 repeated `loss_and_grads` calls in two processes. (With 2 devices the gradient all-reduce adds
+two operands, which is exact in either order.) The observation was most likely two processes
+importing different model code: the subprocesses read jaxdiff from the shared working tree over
+~5 minutes, and the attention / GroupNorm rewrite (22ac8cb) was being edited there and was committed
 23 s after the skip. Nothing in the library was changed for this test.
 
 Cost: one process runs the straight run and then the run killed in its step-4 save (the second run
@@ -75,7 +77,8 @@ def _pipeline(folder: Path) -> None:
     vae = AutoencoderKL(block_out_channels=(16,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=tiny_pipelines.text_encoder(hidden=16, layers=1), tokenizer=tiny_pipelines.tokenizer(),
+        vae=vae, text_encoder=tiny_pipelines.text_encoder(hidden=16, layers=1),
+        tokenizer=tiny_pipelines.tokenizer(),
         unet=unet, scheduler=PNDMScheduler.from_config({**tiny_pipelines.STOCK_SCHEDULER, "skip_prk_steps": True}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -147,7 +150,8 @@ def test_sigkill_during_checkpoint_then_resume_is_bitwise(tmp_path):
     for (path, x), (_, y) in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
     # training moved the params: the EMA (equal to them at step 0) lags behind
-    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(sa["ema"]), jax.tree.leaves(sa["trainable"])))
+    ema, trained = jax.tree.leaves(sa["ema"]), jax.tree.leaves(sa["trainable"])
+    assert any(not np.array_equal(x, y) for x, y in zip(ema, trained))
     ckpts = sorted(p.name for p in (b / "checkpoints").iterdir())
     assert ckpts == ["4"], ckpts  # keep-last 1 removed step 2, and the stale temporary folder is gone
     assert (b / "final").is_dir()
