@@ -26,6 +26,7 @@ import datetime
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -185,7 +186,7 @@ def run(args, argv: list[str]) -> dict:
         **bench.environment(trainer.mesh),
         "machine": {"name": args.machine, **host},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/train_bench.py", *argv]),
+        "command": shlex.join(["python", "benchmarks/train_bench.py", *argv]),
         "config": {"preset": args.preset, "resolution": args.resolution,
                    "latent": info["latent"], "batch": args.batch, "remat": args.remat,
                    "cached_latents": args.cached_latents, "optimizer": args.optimizer,
