@@ -155,7 +155,11 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 
 
 class _AddedToken:
-    """A token matched in the text before BPE (special tokens; transformers' AddedToken flags)."""
+    """A token matched in the text before BPE (special tokens; transformers' AddedToken flags).
+
+    lstrip / rstrip are not needed: they only strip white space next to the token, which
+    pre-tokenization drops anyway.
+    """
 
     def __init__(self, spec, normalized: bool = False):
         if isinstance(spec, _AddedToken):
@@ -183,7 +187,8 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], specials: dict,
-                 *, model_max_length: int | None = None, added: Sequence = (), source: str = "CLIP tokenizer"):
+                 *, model_max_length: int | None = None, added: Sequence = (),
+                 source: str = "CLIP tokenizer"):
         """
         Args:
           vocab: BPE token -> id (49408 entries for CLIP, the two special tokens included).
@@ -256,7 +261,8 @@ class Tokenizer:
                                                   and (path / "merges.txt").is_file())):
             raise CheckpointError(f"{path}: not a CLIP tokenizer folder (needs vocab.json and merges.txt, "
                                   f"or tokenizer.json)")
-        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        config_file = path / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
         if not isinstance(config, dict):
             raise CheckpointError(f"{path / 'tokenizer_config.json'}: expected a JSON object")
         if has_json:
@@ -264,7 +270,8 @@ class Tokenizer:
             model = data.get("model", {}) if isinstance(data, dict) else {}
             if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
                 raise CheckpointError(f"{path / 'tokenizer.json'}: not a CLIP BPE tokenizer (model type "
-                                      f"{model.get('type')!r}, end_of_word_suffix {model.get('end_of_word_suffix')!r})")
+                                      f"{model.get('type')!r}, end_of_word_suffix "
+                                      f"{model.get('end_of_word_suffix')!r})")
             vocab = model["vocab"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
             file_added = [(t["id"], t) for t in data.get("added_tokens") or []]
@@ -376,8 +383,8 @@ class Tokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         ranked = sorted(self._ranks, key=self._ranks.get)
         (folder / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
-        (folder / "merges.txt").write_text("\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in ranked)]) + "\n",
-                                           encoding="utf-8")
+        merges = "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in ranked)]) + "\n"
+        (folder / "merges.txt").write_text(merges, encoding="utf-8")
         decoder = {str(index): {"content": content, "lstrip": False, "normalized": token.normalized,
                                 "rstrip": False, "single_word": False, "special": True}
                    for content, (index, token) in sorted(self._added.items(), key=lambda kv: kv[1][0])}
@@ -386,8 +393,8 @@ class Tokenizer:
                   "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                       encoding="utf-8")
-        (folder / "special_tokens_map.json").write_text(json.dumps(self.specials, indent=2, ensure_ascii=False)
-                                                        + "\n", encoding="utf-8")
+        (folder / "special_tokens_map.json").write_text(
+            json.dumps(self.specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.source}, model_max_length={self.model_max_length}, "

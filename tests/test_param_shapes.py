@@ -68,7 +68,8 @@ def test_cached_tree_is_fresh_per_call():
 
 
 def test_cast_params_values_and_dtypes():
-    params = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "ids": np.arange(4, dtype=np.int32)}
+    params = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+              "ids": np.arange(4, dtype=np.int32)}
     out = cast_params(params, "bfloat16")
     assert isinstance(out["a"]["kernel"], jax.Array) and out["a"]["kernel"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out["a"]["kernel"], np.float32), params["a"]["kernel"])
