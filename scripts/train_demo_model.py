@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from jaxdiff.components import NATIVE_KINDS  # noqa: E402
-from jaxdiff.demo import shapes  # noqa: E402
+from jaxdiff.demo import detector, shapes  # noqa: E402
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
 from jaxdiff.pipeline import Pipeline  # noqa: E402
 from jaxdiff.schedules import SchedulerConfig  # noqa: E402
@@ -58,11 +58,12 @@ class Recipe:
     seed: int = 0
     resolution: int = 64
     n_images: int = 12_000          # training scenes (captions repeat; positions and sizes jitter)
-    vae_steps: int = 600
-    vae_batch: int = 32
-    vae_crop: int = 32              # the VAE is convolutional: train it on random crops (4x cheaper)
-    vae_lr: float = 3e-3
-    steps: int = 1200
+    vae_steps: int = 1500
+    vae_images: int = 4000          # the VAE sees the first 4000 scenes (plenty for flat shapes)
+    vae_batch: int = 16             # whole images: GroupNorm statistics must be those of a whole image
+    vae_lr: float = 2e-3
+    vae_gate: float = 0.98          # the detector must read the VAE's reconstructions this well
+    steps: int = 1500
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -74,16 +75,25 @@ class Recipe:
     @classmethod
     def quick(cls) -> "Recipe":
         """A smoke run of every stage (CI): seconds per stage, the loss must still fall."""
-        return cls(resolution=16, n_images=256, vae_steps=30, vae_batch=8, vae_crop=16, steps=30, batch=8,
-                   warmup=3, log_every=10, lr=3e-3, vae_lr=3e-3, ema_decay=0.9, toy=True)
+        return cls(resolution=16, n_images=256, vae_steps=30, vae_images=256, vae_batch=8, vae_gate=0.0,
+                   steps=30, batch=8, warmup=3, log_every=10, lr=3e-3, vae_lr=3e-3, ema_decay=0.9, toy=True)
 
 
 def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
     """The demo model's architecture, sized for a 2-core CPU (training and a < 30 s first generation):
 
     * text encoder: CLIP-style, width 64, 2 layers, 4 heads, the full 49408-token CLIP vocabulary;
-    * VAE: 8/16/32/32 channels, 4 levels = downsample 8: 64x64x3 <-> 8x8x4 latents, no attention;
-    * UNet: 2 levels of 32/64 channels at 8x8 and 4x4, cross-attention at both and in the mid block.
+    * VAE: 8/16/32 channels, 3 levels = downsample 4: 64x64x3 <-> 16x16x4 latents, no attention
+      (a small shape is 3-4 latent pixels wide: downsample 8 left too little room to keep its outline);
+    * UNet: 2 levels of 32/64 channels at 16x16 and 8x8; cross-attention at 8x8 and in the mid block
+      only (attention at 16x16 would triple the cost; colour and position reach 16x16 through the
+      up path).
+
+    GroupNorm groups are few on purpose. A group normalises away its spatial mean, and on these flat
+    images a group of 1-2 channels (SD's 32 groups at 8-32 channels) carries almost nothing else: the
+    first full run's VAE (4 groups of 2 channels before its output conv) could not tell the background
+    colour, let alone the shape's. The VAE uses 1 group (LayerNorm over H, W, C), the UNet 8-16
+    channels per group.
 
     quick=True: one-level toys of the same kinds (VAE factor 1, for 16x16 images), for the CI smoke run,
     where compile time dominates.
@@ -100,11 +110,11 @@ def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEC
         return clip, unet, vae
     clip = CLIPTextConfig.tiny(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
                                num_attention_heads=4)
-    unet = UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
-                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    unet = UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=4,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                       attention_head_dim=4, cross_attention_dim=clip.hidden_size)
-    vae = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    vae = VAEConfig(block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=1,
                     mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False)
     return clip, unet, vae
 
@@ -142,6 +152,18 @@ def _flat(tree, prefix=()) -> dict:
     return {prefix: tree}
 
 
+def _unflat(flat: dict) -> dict:
+    """{"a/b/c": array} -> {"a": {"b": {"c": array}}} (the inverse of _flat joined with "/")."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
 def count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -151,32 +173,47 @@ def _log(record: dict, log: list) -> None:
     print(json.dumps(record), flush=True)
 
 
+# The VAE's initial posterior log-variance (quant_conv's logvar bias). At 0 the posterior noise has std 1,
+# as large as the latents themselves, and Adam moves a bias ~lr per step: the first full run spent its
+# 600 steps with the decoder seeing mostly noise and learnt only a blur. e^-3 = 0.05 starts it informative.
+VAE_LOGVAR_INIT = -6.0
+
+
 def train_vae(r: Recipe, vae_cfg: VAEConfig, images: np.ndarray, log: list) -> tuple[dict, list[float]]:
     """Stage 2: images uint8 [N, R, R, 3] -> (EMA params, losses per step)."""
     module = NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32)
     params = host_init(NATIVE_KINDS["VAE"].param_shapes(vae_cfg), r.seed + 1)
+    params["quant_conv"]["bias"][vae_cfg.latent_channels:] = VAE_LOGVAR_INIT
     trainer = AE.AutoencoderTrainer(
-        module, params, AE.AutoencoderLossConfig(reconstruction="l1", edge_weight=1.0, kl_weight=1e-4),
-        optim.OptimConfig(lr=r.vae_lr, schedule="cosine", warmup_steps=min(100, r.vae_steps // 10),
+        module, params, AE.AutoencoderLossConfig(reconstruction="l1", edge_weight=1.0, kl_weight=1e-5),
+        optim.OptimConfig(lr=r.vae_lr, schedule="cosine", warmup_steps=min(50, r.vae_steps // 10),
                           total_steps=r.vae_steps, end_lr_ratio=0.05, weight_decay=0.0),
         ema=optim.EMAConfig(decay=r.ema_decay, use_warmup=True, power=3 / 4), seed=r.seed,
         mesh=_one_device_mesh())
     state = trainer.init_state()
-    rng = np.random.default_rng([r.seed, 11])
-    c = r.vae_crop
+    rng = np.random.default_rng(r.seed)
+    images = images[:r.vae_images]
     losses, t0 = [], time.time()
     for step in range(r.vae_steps):
         idx = rng.integers(len(images), size=r.vae_batch)
-        f = vae_cfg.downsample_factor
-        oy, ox = rng.integers(0, r.resolution - c + 1, size=2) // f * f   # crops stay latent-aligned
-        batch = images[idx, oy:oy + c, ox:ox + c].astype(np.float32) / 127.5 - 1.0
-        state, m = trainer.step(state, batch)
+        state, m = trainer.step(state, images[idx].astype(np.float32) / 127.5 - 1.0)
         losses.append(float(m["loss"]))
         if (step + 1) % r.log_every == 0 or step == r.vae_steps - 1:
             _log({"stage": "vae", "step": step + 1, "loss": float(np.mean(losses[-r.log_every:])),
                   "reconstruction": float(m["reconstruction"]), "kl": float(m["kl"]),
                   "seconds": round(time.time() - t0, 1)}, log)
     return trainer.params(state, ema=True), losses
+
+
+def reconstruction_scores(vae_cfg: VAEConfig, params: dict, images: np.ndarray, scenes) -> dict[str, float]:
+    """The detector's accuracy on the VAE's reconstructions (posterior means) of images uint8 [N, R, R, 3]:
+    an upper bound on what a diffusion model over these latents can score."""
+    module = NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32)
+    roundtrip = jax.jit(lambda p, x: module.apply(
+        {"params": p}, module.apply({"params": p}, x, method="encode").mean, method="decode"))
+    recon = np.asarray(roundtrip(params, images.astype(np.float32) / 127.5 - 1.0))
+    recon = np.clip((recon + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return detector.score([detector.detect(x) for x in recon], scenes)
 
 
 def caption_ids(tokenizer: Tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -238,18 +275,33 @@ def build_pipeline(clip_cfg, unet_cfg, vae_cfg, params: dict, tokenizer: Tokeniz
                                pipeline_class="StableDiffusionPipeline")
 
 
-def run(r: Recipe, out: Path) -> dict:
+def run(r: Recipe, out: Path, *, reuse_vae: bool = False) -> dict:
     """The whole recipe; returns the training log (also written to out/training_log.json)."""
     log: list = []
     times = {}
     t = time.time()
-    images, captions, _ = shapes.make_dataset(r.seed, r.n_images, split="train", resolution=r.resolution)
+    images, captions, scenes = shapes.make_dataset(r.seed, r.n_images, split="train", resolution=r.resolution)
     times["data_s"] = time.time() - t
     clip_cfg, unet_cfg, vae_cfg = model_configs(r.toy)
 
     t = time.time()
-    vae_params, vae_losses = train_vae(r, vae_cfg, images, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vae_file = out.parent / f".{out.name}.vae.npz"    # stage 2's result, kept for --reuse-vae
+    if reuse_vae and vae_file.exists():
+        stored = dict(np.load(vae_file))
+        vae_losses = list(stored.pop("_losses"))
+        vae_params = _unflat(stored)
+        _log({"stage": "vae", "reused": str(vae_file)}, log)
+    else:
+        vae_params, vae_losses = train_vae(r, vae_cfg, images, log)
+        np.savez(vae_file, _losses=np.asarray(vae_losses), **{"/".join(k): v for k, v in _flat(vae_params).items()})
     times["vae_s"] = time.time() - t
+    n_gate = min(200, len(images))
+    gate = reconstruction_scores(vae_cfg, vae_params, images[:n_gate], scenes[:n_gate])
+    _log({"stage": "vae_gate", **gate}, log)
+    if min(gate[k] for k in ("color", "shape", "position")) < r.vae_gate:
+        raise SystemExit(f"the VAE fails its gate: the detector reads its reconstructions at {gate}, below "
+                         f"{r.vae_gate}; train it longer (--vae-steps) before the diffusion stage")
 
     t = time.time()
     vae_module = NATIVE_KINDS["VAE"].build(vae_cfg, jnp.float32)
@@ -274,7 +326,7 @@ def run(r: Recipe, out: Path) -> dict:
     summary = {
         "recipe": dataclasses.asdict(r), "times": times, "total_s": round(sum(times.values()), 1),
         "params": {name: count(params[name]) for name in ("text_encoder", "unet", "vae")},
-        "scaling_factor": vae_cfg.scaling_factor,
+        "scaling_factor": vae_cfg.scaling_factor, "vae_reconstruction_scores": gate,
         "vae_loss": {"first": float(np.mean(vae_losses[:10])), "last": float(np.mean(vae_losses[-10:]))},
         "diffusion_loss": {"first": float(np.mean(losses[:10])), "last": float(np.mean(losses[-10:]))},
         "devices": str(jax.devices()[0]), "jax": jax.__version__, "log": log,
@@ -290,12 +342,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run (seconds per stage)")
     p.add_argument("--steps", type=int, help="diffusion steps (default: the recipe's)")
     p.add_argument("--vae-steps", type=int, help="VAE steps (default: the recipe's)")
+    p.add_argument("--vae-gate", type=float, help="minimum detector accuracy on the VAE's reconstructions "
+                   "(colour, class, position) to go on to the diffusion stage (default: the recipe's)")
+    p.add_argument("--reuse-vae", action="store_true",
+                   help="skip stage 2 and use the VAE an earlier run of this --out saved (.<out>.vae.npz)")
     args = p.parse_args(argv)
     r = Recipe.quick() if args.quick else Recipe()
-    over = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("vae_steps", args.vae_steps))
-            if v is not None}
+    flags = {"seed": args.seed, "steps": args.steps, "vae_steps": args.vae_steps, "vae_gate": args.vae_gate}
+    over = {k: v for k, v in flags.items() if v is not None}
     r = dataclasses.replace(r, **over)
-    summary = run(r, args.out)
+    summary = run(r, args.out, reuse_vae=args.reuse_vae)
     print(json.dumps({k: v for k, v in summary.items() if k != "log"}))
     return 0
 

@@ -127,46 +127,28 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(groups=self.groups, eps=VAE_NORM_EPS, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock(nn.Module):
-    """diffusers' DownEncoderBlock2D: `num_layers` ResnetBlocks, then (optionally) a stride-2 conv."""
+class ResnetStackBlock(nn.Module):
+    """diffusers' DownEncoderBlock2D (resample="down") and UpDecoderBlock2D (resample="up"): `num_layers`
+    ResnetBlocks, then a stride-2 conv, or nearest x2 + conv, or nothing (resample=None)."""
     out_channels: int
     num_layers: int
     groups: int = 32
-    add_downsample: bool = True
+    resample: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, Cin] -> [B, H/2, W/2, Cout] (or [B, H, W, Cout] without downsample)."""
+        """x: [B, H, W, Cin] -> [B, H/2, W/2, Cout] ("down"), [B, 2H, 2W, Cout] ("up") or [B, H, W, Cout]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=VAE_NORM_EPS,
                               name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             # The encoder passes downsample_padding=0: pad bottom/right by one, then a valid conv.
             # Odd sizes therefore round down (H=9 -> 4), exactly as diffusers.
             x = Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpDecoderBlock(nn.Module):
-    """diffusers' UpDecoderBlock2D: `num_layers` ResnetBlocks, then (optionally) nearest x2 + conv."""
-    out_channels: int
-    num_layers: int
-    groups: int = 32
-    add_upsample: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, Cin] -> [B, 2H, 2W, Cout] (or [B, H, W, Cout] without upsample)."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=VAE_NORM_EPS,
-                              name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -193,8 +175,8 @@ class Encoder(nn.Module):
         chans = cfg.block_out_channels
         x = _conv(chans[0], 3, "conv_in", **kw)(x)
         for i, c in enumerate(chans):
-            x = DownEncoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups,
-                                 add_downsample=i < len(chans) - 1, name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStackBlock(c, cfg.layers_per_block, cfg.norm_num_groups,
+                                 resample="down" if i < len(chans) - 1 else None, name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_implementation,
                      name="mid_block", **kw)(x)
         x = GroupNorm(cfg.norm_num_groups, VAE_NORM_EPS, name="conv_norm_out", **kw)(x)
@@ -218,8 +200,8 @@ class Decoder(nn.Module):
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_implementation,
                      name="mid_block", **kw)(x)
         for i, c in enumerate(chans):
-            x = UpDecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                               add_upsample=i < len(chans) - 1, name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStackBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                                 resample="up" if i < len(chans) - 1 else None, name=f"up_blocks_{i}", **kw)(x)
         x = GroupNorm(cfg.norm_num_groups, VAE_NORM_EPS, name="conv_norm_out", **kw)(x)
         return _conv(cfg.out_channels, 3, "conv_out", **kw)(nn.silu(x))
 
