@@ -7,10 +7,6 @@ are compared with LATENT_ATOL and uint8 images within 1. Layouts with the same r
 of 1, 3 or 4 padded to 8 on 8 devices) must agree exactly. A wrong sample index or key changes images by
 O(1), far above both tolerances. The sampler is Euler a (stochastic), so per-sample step noise is covered.
 """
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +16,7 @@ import pytest
 import jaxdiff
 from jaxdiff import sharding
 from tests import generation_worker, tiny_pipelines
+from tests.two_processes import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT_ATOL = 1e-4  # latents are O(1); dot-kernel rounding differences stay ~1e-6 per UNet call
@@ -84,37 +81,12 @@ def test_generate_batches_and_local_gather(model, on8):
     np.testing.assert_array_equal(local.images, on8.images)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_generate_one_batch(model, tmp_path):
     """Two processes x 2 CPU devices generate 3 images (padded to 4) together; one process on 4 devices
     has the same rows per device, so the results must agree exactly."""
     pipe, folder = model
     single = pipe(**generation_worker.REQUEST, mesh=sharding.make_mesh(jax.devices()[:4]))
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-                   JAXDIFF_COORDINATOR=f"127.0.0.1:{port}", JAXDIFF_NUM_PROCESSES="2", JAXDIFF_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "generation_worker.py"), str(folder),
-                                       str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:  # a hung or failed peer must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_two_processes(REPO / "tests" / "generation_worker.py", [str(folder), str(tmp_path)], timeout=400)
     results = [np.load(tmp_path / f"proc{pid}.npz") for pid in range(2)]
     for r in results:
         assert (bool(r["multi"]), int(r["process_count"]), int(r["device_count"])) == (True, 2, 4)

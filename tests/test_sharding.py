@@ -10,10 +10,6 @@ values of size ~3). Those comparisons use ATOL; comparisons with the same rows p
 sizes 1/3/8 padded to 8 on 8 devices, or two processes x 2 devices vs one process x 4 devices) are
 exact. A wrong sample index or key changes rows by O(1), far above ATOL.
 """
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,6 +20,7 @@ import pytest
 from jaxdiff import sharding
 from jaxdiff.errors import JaxdiffError
 from tests import multihost_worker as toy
+from tests.two_processes import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # float32 rounding between dot kernels (see the module docstring); outputs are O(1)
@@ -192,42 +189,13 @@ def test_initialize_distributed_from_env(monkeypatch):
         sharding.initialize_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_generate_one_batch(tmp_path, reference):
     """Two local processes x 2 CPU devices, joined by jax.distributed, generate a batch of 5 (padded
     to 8 over 4 devices); each gathers it and writes its own rows."""
     # One process on 4 devices has the same rows per device (2), so it must match bit for bit.
     single = _generate(jax.devices()[:4], np.arange(5))
     np.testing.assert_allclose(single, reference[:5], rtol=0, atol=ATOL)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(
-            os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
-            JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # as fast_compiles does here
-            JAXDIFF_COORDINATOR=f"127.0.0.1:{port}", JAXDIFF_NUM_PROCESSES="2", JAXDIFF_PROCESS_ID=str(pid),
-        )
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(tmp_path), "5"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=90)[0])  # ~25 s on a loaded 2-core box
-    finally:
-        for p in procs:  # a hung or failed peer must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_two_processes(REPO / "tests" / "multihost_worker.py", [str(tmp_path), "5"], timeout=90)  # ~25 s loaded
 
     results = [np.load(tmp_path / f"proc{pid}.npz") for pid in range(2)]
     for r in results:
