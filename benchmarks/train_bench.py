@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, default="sd15")
     p.add_argument("--resolution", type=int, default=256, help="image side (latent side: / the VAE factor)")
     p.add_argument("--batch", type=int, default=1, help="global batch per step")
-    p.add_argument("--remat", choices=("full", "dots"), default=None)
+    p.add_argument("--remat", choices=("full", "dots", "blocks"), default=None)
     p.add_argument("--cached-latents", action="store_true", help="VAE moments in the batch, no VAE in the step")
     p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")

@@ -94,21 +94,28 @@ def test_layouts_and_accumulation_agree(setup):
 
 
 def test_remat_and_bf16(setup):
-    """remat recomputes the same gradients (<= 1e-6 rel-L2 per tensor, not bitwise: XLA may fuse the
-    recomputed forward differently; measured 7.0e-7); bf16 compute over float32 masters gives finite
+    """remat, whole-UNet and per block, recomputes the same gradients (<= 1e-5 rel-L2 per tensor, not
+    bitwise: XLA fuses the recomputed forward differently; measured 7.0e-7 and 1.03e-6); bf16 compute over float32 masters gives finite
     float32 grads close to the float32 ones (loss 1.5e-4 relative, measured)."""
     models, batch = setup
     mesh = sharding.make_mesh(jax.devices()[:1])
     grads = {}
-    for name, kw in (("f32", {}), ("remat", {"remat": "full"}), ("bf16", {"compute_dtype": "bfloat16"})):
+    runs = (("f32", {}), ("remat", {"remat": "full"}), ("blocks", {"remat": "blocks"}),
+            ("bf16", {"compute_dtype": "bfloat16"}))
+    for name, kw in runs:
         m = models if name != "bf16" else Models(unet=models.unet.clone(dtype=jnp.bfloat16), params=models.params,
                                                    scheduler=models.scheduler)
         trainer = Trainer(m, TrainConfig(batch_size=B, seed=1, **kw), mesh=mesh)
         loss, g = trainer.loss_and_grads(trainer.init_state(), trainer.put_batch(batch))
         grads[name] = (float(loss), jax.tree.leaves(jax.device_get(g)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))  # noqa: E731
-    assert abs(grads["remat"][0] - grads["f32"][0]) <= 1e-6 * grads["f32"][0]
-    assert max(rel(a, b) for a, b in zip(grads["remat"][1], grads["f32"][1])) <= 1e-6
+    # Recomputed activations come out of differently fused XLA code, so the gradients carry float32
+    # rounding noise: measured 7.0e-7 (full) and 1.03e-6 (per block) rel-L2 in the worst tensor. The bound
+    # is the layout test's 1e-5 (the first version's 1e-6 sat inside that noise); a wrong recomputation
+    # (a stale input, a dropped residual) is O(1).
+    for name in ("remat", "blocks"):
+        assert abs(grads[name][0] - grads["f32"][0]) <= 1e-6 * grads["f32"][0], name
+        assert max(rel(a, b) for a, b in zip(grads[name][1], grads["f32"][1])) <= 1e-5, name
     assert all(a.dtype == np.float32 and np.all(np.isfinite(a)) for a in grads["bf16"][1])
     assert abs(grads["bf16"][0] - grads["f32"][0]) <= 2e-2 * grads["f32"][0]
     # bf16 rounds each activation to 2^-8 relative; through the net's ~20 layers the worst tensor's
@@ -116,5 +123,6 @@ def test_remat_and_bf16(setup):
     # or a bf16 loss reduction) shows up well above 10%.
     assert max(rel(a, b) for a, b in zip(grads["bf16"][1], grads["f32"][1])) <= 0.1
     print("remat grad rel-L2", max(rel(a, b) for a, b in zip(grads["remat"][1], grads["f32"][1])),
+          "per-block remat grad rel-L2", max(rel(a, b) for a, b in zip(grads["blocks"][1], grads["f32"][1])),
           "bf16 loss rel", abs(grads["bf16"][0] - grads["f32"][0]) / grads["f32"][0],
           "bf16 grad rel-L2", max(rel(a, b) for a, b in zip(grads["bf16"][1], grads["f32"][1])))

@@ -50,7 +50,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ema-update-after", type=int, default=0)
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
                    help="bf16 compute over float32 master weights")
-    p.add_argument("--remat", choices=("full", "dots"), default=None, help="recompute the UNet in backward")
+    p.add_argument("--remat", choices=("full", "dots", "blocks"), default=None,
+                   help="recompute the UNet in backward (blocks: per block, the one that saves memory)")
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--fsdp", type=int, default=1, help="devices sharing each param shard")
     p.add_argument("--devices", type=int, default=None,

@@ -45,7 +45,7 @@ from jaxdiff.errors import ConfigError
 from jaxdiff.training import loss as L
 from jaxdiff.training import optim
 
-REMAT = (None, "full", "dots")
+REMAT = (None, "full", "dots", "blocks")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,8 +58,10 @@ class TrainConfig:
     fsdp_min_size: leaves with fewer elements stay replicated under fsdp.
     compute_dtype: activations / matmuls ("float32" | "bfloat16"); params, grads and optimizer
       state stay float32 (master weights).
-    remat: None, "full" (recompute the UNet forward in the backward pass: least memory) or "dots"
-      (keep weight-matmul outputs, recompute the rest).
+    remat: None, "full" (the whole UNet forward recomputed in the backward pass; while that runs all of
+      its activations are live again, so the peak is barely lower), "dots" (the same, keeping
+      weight-matmul outputs) or "blocks" (each down / mid / up block checkpointed on its own: one
+      block's activations live at a time, the setting that lowers peak memory).
     train_text_encoder: also fine-tune the (first) text encoder (needs "input_ids" batches).
     skip_nonfinite: a step whose loss or grads are not finite leaves params, optimizer state and EMA
       unchanged (it is counted in metrics["skipped"]).
@@ -246,7 +248,7 @@ class Trainer:
         d = L.draw(key, rows, self._latent_shape(batch), self.config.loss, self.tables_len)
         x0 = self._x0(params, batch, d)
         context, added = self._encode_text(params, batch)
-        unet = self.models.unet
+        unet = self.models.unet.clone(remat=True) if self.config.remat == "blocks" else self.models.unet
 
         def predict(p, z, t, ctx, add):
             return unet.apply({"params": p}, z, t, ctx, add)
