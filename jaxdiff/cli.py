@@ -26,7 +26,7 @@ from pathlib import Path
 # Modules with a `register(subparsers)` function, each adding one subcommand (e.g. "jaxdiff.training.cli").
 COMMAND_MODULES: tuple[str, ...] = ("jaxdiff.bench", "jaxdiff.training.cli")
 
-# The bundled demo model `generate` uses without --model (not shipped yet: then --model is required).
+# The bundled demo model `generate` uses without --model (jaxdiff/demo/README.md is its card).
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
 DTYPES = ("float32", "bfloat16", "float16")
 

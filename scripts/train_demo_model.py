@@ -85,9 +85,8 @@ def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEC
     * text encoder: CLIP-style, width 64, 2 layers, 4 heads, the full 49408-token CLIP vocabulary;
     * VAE: 8/16/32 channels, 3 levels = downsample 4: 64x64x3 <-> 16x16x4 latents, no attention
       (a small shape is 3-4 latent pixels wide: downsample 8 left too little room to keep its outline);
-    * UNet: 2 levels of 32/64 channels at 16x16 and 8x8; cross-attention at 8x8 and in the mid block
-      only (attention at 16x16 would triple the cost; colour and position reach 16x16 through the
-      up path).
+    * UNet: 3 levels of 32/64/64 channels at 16x16, 8x8 and 4x4; cross-attention at 8x8, 4x4 and in
+      the mid block (attention at 16x16 would triple the cost).
 
     GroupNorm groups are few on purpose. A group normalises away its spatial mean, and on these flat
     images a group of 1-2 channels (SD's 32 groups at 8-32 channels) carries almost nothing else: the
@@ -110,9 +109,9 @@ def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEC
         return clip, unet, vae
     clip = CLIPTextConfig.tiny(hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=2,
                                num_attention_heads=4)
-    unet = UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=4,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = UNetConfig(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=4,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                       attention_head_dim=4, cross_attention_dim=clip.hidden_size)
     vae = VAEConfig(block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=1,
                     mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False)
