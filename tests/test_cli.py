@@ -110,7 +110,6 @@ def test_read_image_and_mask(tmp_path):
     (["generate", "p", "--dtype", "int8"], ["--dtype", "invalid choice"]),
     (["generate", "p", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["frobnicate"], ["invalid choice"]),
-    (["generate", "p"], ["pass --model"]),  # no bundled demo model yet
     (["generate", "--model", "{tmp}"], ["no prompt"]),
     (["generate", "p", "--model", "{tmp}/nope"], ["nope: model not found"]),
     (["generate", "p", "--model", "{tmp}", "--prompts-file", "{tmp}/none.txt"], ["prompts file not found"]),
@@ -129,6 +128,12 @@ def test_read_image_and_mask(tmp_path):
 def test_bad_command_lines_give_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert_one_line_error(main_in_process(capsys, *argv), *fragments)
+
+
+def test_install_without_the_demo_model_asks_for_model(tmp_path, capsys, monkeypatch):
+    """An install whose package lacks the bundled weights (e.g. stripped package data) says what to do."""
+    monkeypatch.setattr(cli, "DEMO_MODEL", tmp_path / "missing")
+    assert_one_line_error(main_in_process(capsys, "generate", "p"), "no bundled demo model", "pass --model")
 
 
 class _FakePipeline:
