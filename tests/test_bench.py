@@ -1,6 +1,5 @@
 """`jaxdiff bench` and benchmarks/compare_torch.py on the tiny preset: JSON fields, the numbers' internal
 consistency, the persistent-cache compile, the PyTorch side on the same weights, and flag errors."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import bench, cli
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_FIELDS = ("what", "model", "batch", "height", "width", "dtype", "attention", "mesh", "devices",
@@ -20,10 +20,7 @@ RECORD_FIELDS = ("what", "model", "batch", "height", "width", "dtype", "attentio
 
 
 def _compare_torch():
-    spec = importlib.util.spec_from_file_location("compare_torch", ROOT / "benchmarks" / "compare_torch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/compare_torch.py")
 
 
 def test_cli_pipeline_on_two_devices_writes_every_field(tmp_path, capsys):

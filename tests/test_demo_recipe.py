@@ -3,24 +3,17 @@
 The full recipe (scripts/train_demo_model.py without --quick) is a documented manual step; see
 jaxdiff/demo/README.md for its run time.
 """
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
 import jaxdiff
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 
 
 def _recipe_module():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod          # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/train_demo_model.py")
 
 
 def test_quick_recipe_loss_falls_and_model_loads(tmp_path):

@@ -1,9 +1,7 @@
 """benchmarks/train_bench.py on the tiny preset (cached latents, 2 devices): the report's fields and
 their internal consistency. Compiled with `jax_disable_most_optimizations` (this module only): the
 numbers are not the point here, the plumbing is."""
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,8 +9,7 @@ import pytest
 
 from jaxdiff import components
 from jaxdiff.models.configs import UNetConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,10 +21,7 @@ def _fast_compiles():
 
 
 def _train_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "benchmarks" / "train_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/train_bench.py")
 
 
 def test_tiny_report(tmp_path, capsys):
