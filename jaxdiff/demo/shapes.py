@@ -31,7 +31,7 @@ PALETTE = {
 }
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple")          # shape colours
 BACKGROUNDS = ("white", "black", "gray", "blue", "green")               # background colours
-SIZES = {"small": (12.0, 15.0), "large": (24.0, 28.0)}                  # bbox side range, pixels at 64
+SIZES = {"small": (19.0, 22.0), "large": (28.0, 32.0)}                  # bbox side range, pixels at 64
 # 3 x 3 grid of centroid targets, (x, y) as fractions of the image side; the phrase each caption uses.
 POSITIONS = {
     "top left": ((0.25, 0.25), "in the top left"), "top": ((0.5, 0.25), "at the top"),
