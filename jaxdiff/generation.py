@@ -23,7 +23,6 @@ arrays on the host (tests feed them to diffusers).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import prompts, sharding
-from jaxdiff.samplers import initial_latents, sample
+from jaxdiff.samplers import initial_latents, sample_steps, sampler_state
 from jaxdiff.samplers.core import Plan
 
 START_NOISE, STEP_NOISE, IMAGE_POSTERIOR, MASKED_POSTERIOR = 0, 1, 2, 3
@@ -51,30 +50,6 @@ def enable_compilation_cache(path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_enable_compilation_cache", True)
-
-
-# Per-step progress. A program compiled with Spec.progress calls `_report_step(k)` on the host after model
-# evaluation k (jax.debug.callback). The callback is one fixed function, so the executable does not depend
-# on who listens; under SPMD it may fire once per device, so listeners must treat k as "at least k+1 done".
-_step_listeners: list[Callable[[int], None]] = []
-
-
-def _report_step(k) -> None:
-    for fn in list(_step_listeners):
-        fn(int(k))
-
-
-@contextlib.contextmanager
-def step_listener(fn: Callable[[int], None] | None):
-    """Within the block, `fn(k)` is called after model evaluation k of programs compiled with progress."""
-    if fn is None:
-        yield
-        return
-    _step_listeners.append(fn)
-    try:
-        yield
-    finally:
-        _step_listeners.remove(fn)
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -119,7 +94,6 @@ class Spec:
     from_image: bool             # x_T = add_noise(image latents) rather than noise * init_noise_sigma
     return_float: bool           # also return the [0, 1] float images
     latent_size: tuple[int, int]  # (h, w) of the latents
-    progress: bool = False       # report each model evaluation to the host (step_listener)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +146,17 @@ def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[st
       {"images": uint8 [B, H, W, 3], "latents": float32 [B, h, w, C], "pixels": float32 [B, H, W, 3] in
       [0, 1] when spec.return_float}.
     """
+    ctx = prepare(m, spec, params, inputs, plan, key)
+    carry = sampler_state(plan, ctx["x_T"])
+    x0, _ = denoise(m, spec, params, ctx, carry, plan, key, guidance, None)
+    return decode(m, spec, params, x0)
+
+
+def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[str, jax.Array], plan: Plan,
+            key: jax.Array) -> dict[str, Any]:
+    """Everything before the first model evaluation (arguments as `program`'s): the prompts' encodings,
+    the starting latents and the image conditioning, as a dict of [B]- or [2B]-row arrays (None where
+    the mode has none)."""
     idx = inputs["index"]
     b, (h, w) = idx.shape[0], spec.latent_size
     c = m.latent_channels
@@ -216,6 +201,15 @@ def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[st
 
     x_T = initial_latents(plan, noise, image_latents if spec.from_image else None)
 
+    return {"idx": idx, "context": context, "added": added, "extra": extra, "blend": blend, "x_T": x_T}
+
+
+def denoise(m: Models, spec: Spec, params: Mapping[str, Any], ctx: Mapping[str, Any], carry, plan: Plan,
+            key: jax.Array, guidance: jax.Array, ks: jax.Array | None):
+    """Model evaluations `ks` (int32 [n]; None = all) of the sampler from `carry` (see samplers.sample_steps)."""
+    b = ctx["idx"].shape[0]
+    context, added, extra = ctx["context"], ctx["added"], ctx["extra"]
+
     def model_fn(x_in, t):
         x = _pair(x_in, x_in) if spec.cfg else x_in
         if extra is not None:
@@ -233,14 +227,24 @@ def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[st
             guided = guidance[1] * (guided * ratio) + (1.0 - guidance[1]) * guided
         return guided
 
-    x0 = sample(model_fn, x_T, plan, jax.random.fold_in(key, STEP_NOISE), inpaint=blend, sample_index=idx,
-                progress=_report_step if spec.progress else None)
+    return sample_steps(model_fn, carry, plan, ks, jax.random.fold_in(key, STEP_NOISE), inpaint=ctx["blend"],
+                        sample_index=ctx["idx"])
+
+
+def decode(m: Models, spec: Spec, params: Mapping[str, Any], x0: jax.Array) -> dict[str, jax.Array]:
+    """Final latents [B, h, w, C] -> `program`'s outputs."""
     decoded = m.vae.apply({"params": params["vae"]}, x0 / m.scaling_factor, method="decode")
     pixels = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     out = {"images": jnp.round(pixels * 255.0).astype(jnp.uint8), "latents": x0}
     if spec.return_float:
         out["pixels"] = pixels
     return out
+
+
+def _prepare_and_start(m: Models, spec: Spec, params, inputs, plan: Plan, key) -> tuple[dict, tuple]:
+    """`prepare`, and the sampler's carry before evaluation 0."""
+    ctx = prepare(m, spec, params, inputs, plan, key)
+    return ctx, sampler_state(plan, ctx["x_T"])
 
 
 class Runner:
@@ -253,15 +257,38 @@ class Runner:
                                             sharding.replicated(mesh))
         self._jit = jax.jit(functools.partial(program, self.models), static_argnums=0,
                             out_shardings=sharding.batch_sharding(mesh, 1))
+        # The same request as three programs, for callers that report progress: prepare, ONE model
+        # evaluation (called K times, the evaluation index an argument), decode. The host sees each step
+        # end without a host callback inside a program: JAX does not write programs holding callbacks to
+        # its persistent compilation cache, so a progress bar that used one recompiled on every run.
+        self._prepare = jax.jit(functools.partial(_prepare_and_start, self.models), static_argnums=0)
+        self._denoise = jax.jit(functools.partial(denoise, self.models), static_argnums=0)
+        self._decode = jax.jit(functools.partial(decode, self.models), static_argnums=0,
+                               out_shardings=sharding.batch_sharding(mesh, 1))
 
-    def __call__(self, spec: Spec, inputs: Mapping[str, Any], plan: Plan, key, guidance) -> tuple[dict, int]:
-        """Pads the batch to the device count, places everything, runs. Returns (global outputs, n_real)."""
+    def __call__(self, spec: Spec, inputs: Mapping[str, Any], plan: Plan, key, guidance,
+                 on_step: Callable[[int], None] | None = None) -> tuple[dict, int]:
+        """Pads the batch to the device count, places everything, runs. Returns (global outputs, n_real).
+
+        on_step: called on the host with k after model evaluation k is done. Given, the request runs as
+        prepare / K single evaluations / decode (same numbers per evaluation, one host sync per step);
+        without it, as one program.
+        """
         padded, n = sharding.pad_batch(dict(inputs), self.mesh.size)
         placed = sharding.to_global(padded, sharding.batch_sharding(self.mesh, 1))
         rep = sharding.to_global((plan, np.asarray(key), np.asarray(guidance, np.float32)),
                                  sharding.replicated(self.mesh))
-        return self._jit(spec, self.params, placed, *rep), n
+        if on_step is None:
+            return self._jit(spec, self.params, placed, *rep), n
+        plan_r, key_r, guidance_r = rep
+        ctx, carry = self._prepare(spec, self.params, placed, plan_r, key_r)
+        for k in range(plan.nfe):
+            ks = sharding.to_global(np.array([k], np.int32), sharding.replicated(self.mesh))
+            carry = jax.block_until_ready(self._denoise(spec, self.params, ctx, carry, plan_r, key_r,
+                                                        guidance_r, ks))
+            on_step(k)
+        return self._decode(spec, self.params, carry[0]), n
 
     def cache_size(self) -> int:
-        """Number of programs compiled so far (one per Spec and shapes)."""
+        """Number of one-program executables compiled so far (one per Spec and shapes)."""
         return self._jit._cache_size()

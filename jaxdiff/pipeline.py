@@ -182,8 +182,9 @@ class Pipeline:
             process its own rows; see GenerationOutput.indices).
           mesh: a jaxdiff.sharding mesh (default: all devices).
           return_float: also return the float images in [0, 1] (GenerationOutput.pixels).
-          progress: called on the host as (model evaluations done, total) while the program runs; a
-            program compiled with progress differs from one without (one more compile).
+          progress: called on the host as (model evaluations done, total) after each evaluation. The
+            request then runs as three programs (prepare, one evaluation called K times, decode) instead
+            of one: other compiles, the same numbers per evaluation, one host sync per step.
 
         Raises:
           JaxdiffError (SamplerError for sampler problems) with a one-line message.
@@ -278,12 +279,12 @@ class Pipeline:
         spec = generation.Spec(mode=mode, cfg=cfg, rescale=cfg and float(guidance_rescale) > 0.0,
                                zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                                from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                               return_float=return_float, latent_size=(h, w), progress=progress is not None)
+                               return_float=return_float, latent_size=(h, w))
         runner = self.runner(mesh)
-        with generation.step_listener(_monotonic(progress, plan.nfe)):
-            out, n = runner(spec, inputs, plan, generation.request_key(seed),
-                            np.array([guidance_scale, guidance_rescale], np.float32))
-            return _collect(out, n, inputs["index"], gather)  # blocks until the program is done
+        on_step = None if progress is None else lambda k: progress(k + 1, plan.nfe)
+        out, n = runner(spec, inputs, plan, generation.request_key(seed),
+                        np.array([guidance_scale, guidance_rescale], np.float32), on_step=on_step)
+        return _collect(out, n, inputs["index"], gather)  # blocks until the program is done
 
     def generate_batches(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int | None = None, negative_prompt: str | Sequence[str] | None = None,
@@ -338,19 +339,6 @@ class Pipeline:
         else:
             raise JaxdiffError(f"this UNet expects {n} SDXL time ids; jaxdiff knows 6 (base) and 5 (refiner)")
         return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
-
-
-def _monotonic(progress: Callable[[int, int], None] | None, total: int):
-    """A step listener calling progress(done, total) once per new evaluation (devices may repeat k)."""
-    if progress is None:
-        return None
-    done = [0]
-
-    def on_step(k: int) -> None:
-        if k + 1 > done[0]:
-            done[0] = k + 1
-            progress(done[0], total)
-    return on_step
 
 
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:

@@ -1,6 +1,7 @@
 """`jaxdiff generate` / `convert` as a user runs them: `python -m jaxdiff ...` in a subprocess on a tiny
 random SD1 folder. PNGs carry A1111's parameters chunk, errors are one line with exit 2, Ctrl-C leaves
 no partial file, outputs are never overwritten. Argument errors that need no model run in-process."""
+import json
 import os
 import signal
 import subprocess
@@ -275,6 +276,46 @@ def test_rerun_never_overwrites_and_ctrl_c_leaves_only_whole_files(first_run, ti
     for old, new_ in (("00000-7.png", "00004-7.png"), ("00001-7.png", "00005-7.png")):
         with Image.open(out / old) as a, Image.open(out / new_) as b:  # same prompt, seed and index
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+COUNT_COMPILES = """
+import json, sys
+import jax.monitoring
+from jax._src import dispatch
+from jaxdiff import cli
+counts = {"programs": 0, "cache_hits": 0}
+def on_duration(event, duration, **kw):
+    if event == dispatch.BACKEND_COMPILE_EVENT:  # every executable built: compiled or read from the cache
+        counts["programs"] += 1
+def on_event(event, **kw):
+    if event == "/jax/compilation_cache/cache_hits":
+        counts["cache_hits"] += 1
+jax.monitoring.register_event_duration_secs_listener(on_duration)
+jax.monitoring.register_event_listener(on_event)
+rc = cli.main(sys.argv[1:])
+print(json.dumps(counts))
+sys.exit(rc)
+"""
+
+
+def test_second_run_with_progress_bar_compiles_nothing(tiny, tmp_path):
+    """With the progress bar on (no --quiet) a second run gets every program from the persistent cache.
+    A host callback inside a program (the bar's first design) keeps it out of JAX's cache, and the CLI
+    then recompiled the whole generation program on every run."""
+    model, env = tiny
+    env = dict(env, JAXDIFF_CACHE=str(tmp_path / "xla"))   # a cache of this test's own
+    argv = ["generate", "a red panda", "--model", str(model), "--out", str(tmp_path / "out"),
+            *[str(a) for a in GEN if a != "--quiet"]]
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", COUNT_COMPILES, *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "step" in proc.stderr                                     # the bar was drawn
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["programs"] > 0 and first["cache_hits"] < first["programs"]
+    assert second["programs"] > 0 and second["cache_hits"] == second["programs"], runs
 
 
 def test_signals_wait_for_a_file_write_to_finish():

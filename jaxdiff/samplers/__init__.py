@@ -4,9 +4,10 @@ Importing the family modules registers their samplers; `SAMPLERS` lists the cano
 """
 from jaxdiff.samplers import kdiffusion, timesteps  # noqa: F401  (registration side effects)
 from jaxdiff.samplers.core import (Plan, Tables, build_tables, initial_latents, make_plan, register, resolve,
-                                   sample, sampler_names, step_noise, to_x0, x0_coefficients)
+                                   sample, sample_steps, sampler_names, sampler_state, step_noise, to_x0,
+                                   x0_coefficients)
 
 SAMPLERS: tuple[str, ...] = sampler_names()
 
 __all__ = ["SAMPLERS", "Plan", "Tables", "build_tables", "initial_latents", "make_plan", "register", "resolve",
-           "sample", "sampler_names", "step_noise", "to_x0", "x0_coefficients"]
+           "sample", "sample_steps", "sampler_names", "sampler_state", "step_noise", "to_x0", "x0_coefficients"]

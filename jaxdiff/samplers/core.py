@@ -230,8 +230,8 @@ def step_noise(key: jax.Array, sample_index: jax.Array, k: jax.Array, shape: tup
 
 
 def sample(model_fn: Callable, x_T: jax.Array, plan: Plan, key: jax.Array | None = None, *,
-           noises: jax.Array | None = None, inpaint: tuple | None = None, sample_index: jax.Array | None = None,
-           progress: Callable[[Any], None] | None = None) -> jax.Array:
+           noises: jax.Array | None = None, inpaint: tuple | None = None, sample_index: jax.Array | None = None
+           ) -> jax.Array:
     """Run the sampler: one `lax.scan` over the plan's K model evaluations.
 
     Args:
@@ -245,20 +245,46 @@ def sample(model_fn: Callable, x_T: jax.Array, plan: Plan, key: jax.Array | None
         4-channel inpainting: after every evaluation the known region is reset to the image noised to the
         next evaluation's level (diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet).
       sample_index: [B] int32 index of each row in the request (default arange(B)).
-      progress: host callback(k) after each evaluation, via jax.debug.callback.
 
     Returns:
       [B, h, w, C] float32 final latents.
     """
-    spec = _REGISTRY[plan.kind]
+    carry = sampler_state(plan, x_T)
+    x, _ = sample_steps(model_fn, carry, plan, None, key, noises=noises, inpaint=inpaint,
+                        sample_index=sample_index)
+    return x
+
+
+def sampler_state(plan: Plan, x_T: jax.Array) -> tuple[jax.Array, Any]:
+    """The scan carry before evaluation 0: (x_T as float32 [B, h, w, C], the sampler's history pytree)."""
     x_T = jnp.asarray(x_T, jnp.float32)
+    return x_T, _REGISTRY[plan.kind].init(x_T)
+
+
+def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, ks: jax.Array | None,
+                 key: jax.Array | None = None, *, noises: jax.Array | None = None, inpaint: tuple | None = None,
+                 sample_index: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Run model evaluations `ks` (int32 [n], consecutive; None = all K) from `carry` = (x, history).
+
+    `sample` is `sampler_state` then all K evaluations; a caller that must report progress between
+    evaluations (the CLI's bar) runs them a few at a time instead, with the same per-evaluation numbers.
+    Arguments are `sample`'s; `noises` is [K, ...] (all evaluations) and is indexed by `ks`.
+    Returns the carry after the last evaluation in `ks`.
+    """
+    spec = _REGISTRY[plan.kind]
+    x, hist = carry
     if spec.stochastic and noises is None and key is None:
         raise SamplerError(f"sampler {plan.kind!r} is stochastic: pass a PRNG key or noises=")
     if sample_index is None:
-        sample_index = jnp.arange(x_T.shape[0], dtype=jnp.int32)
-    xs = {"tab": plan.tables, "k": jnp.arange(plan.nfe, dtype=jnp.int32)}
-    if noises is not None:
-        xs["noise"] = jnp.asarray(noises, jnp.float32)[: plan.nfe]
+        sample_index = jnp.arange(x.shape[0], dtype=jnp.int32)
+    if ks is None:
+        xs = {"tab": plan.tables, "k": jnp.arange(plan.nfe, dtype=jnp.int32)}
+        if noises is not None:
+            xs["noise"] = jnp.asarray(noises, jnp.float32)[: plan.nfe]
+    else:
+        xs = {"tab": jax.tree.map(lambda a: jnp.take(a, ks, axis=0), plan.tables), "k": ks}
+        if noises is not None:
+            xs["noise"] = jnp.take(jnp.asarray(noises, jnp.float32), ks, axis=0)
 
     def step(carry, xs_k):
         x, hist = carry
@@ -275,12 +301,10 @@ def sample(model_fn: Callable, x_T: jax.Array, plan: Plan, key: jax.Array | None
             image, mask, inp_noise = inpaint
             known = tab["inpaint_a"] * image + tab["inpaint_b"] * inp_noise
             x = (1.0 - mask) * known + mask * x
-        if progress is not None:
-            jax.debug.callback(progress, xs_k["k"])
         return (x, hist), None
 
-    (x, _), _ = jax.lax.scan(step, (x_T, spec.init(x_T)), xs)
-    return x
+    carry, _ = jax.lax.scan(step, (x, hist), xs)
+    return carry
 
 
 def to_x0(x: jax.Array, out: jax.Array, tab: Mapping[str, jax.Array]) -> jax.Array:
