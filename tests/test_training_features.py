@@ -323,17 +323,21 @@ def test_time_ids_follow_resize_crop_and_flip(tmp_path):
 # ------------------------------------------------------------------------ objective flags (no compile)
 def test_cli_objective_flags_reach_the_trainer(sd1, tmp_path):
     """--noise-offset / --input-perturbation / --snr-gamma / --prediction-type / --caption-dropout /
-    --optimizer end up in the step's config and the data set; a zero-terminal-SNR scheduler config
+    --optimizer / --timestep-bias-* end up in the step's config and the data set; a zero-terminal-SNR scheduler config
     gives the trainer a noise table whose last step has no signal."""
     model, _, pipe = sd1
     args = cli.register(argparse.ArgumentParser().add_subparsers()).parse_args(
         ["--model", str(model), "--data", str(_image_folder(tmp_path / "imgs", 8)),
          "--out", str(tmp_path / "o"), "--steps", "1", "--batch", "8", "--noise-offset", "0.1",
          "--input-perturbation", "0.05", "--snr-gamma", "5", "--prediction-type", "v_prediction",
-         "--caption-dropout", "0.25", "--optimizer", "adafactor", "--resolution", "16"])
+         "--caption-dropout", "0.25", "--optimizer", "adafactor", "--resolution", "16",
+         "--timestep-bias-strategy", "range", "--timestep-bias-multiplier", "3", "--timestep-bias-begin", "10",
+         "--timestep-bias-end", "20"])
     trainer, loader, _ = cli.build(args)
     lc = trainer.config.loss
     assert (lc.noise_offset, lc.input_perturbation, lc.snr_gamma) == (0.1, 0.05, 5.0)
+    assert (lc.timestep_bias_strategy, lc.timestep_bias_multiplier, lc.timestep_bias_begin,
+            lc.timestep_bias_end) == ("range", 3.0, 10, 20)
     assert trainer.prediction_type == "v_prediction" and trainer.config.optim.optimizer == "adafactor"
     assert loader.dataset.cfg.caption_dropout == 0.25 and "input_ids" in next(loader)
     assert float(trainer.tables.sqrt_alphas_cumprod[-1]) > 0.01

@@ -45,6 +45,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--snr-gamma", type=float, default=None)
     p.add_argument("--noise-offset", type=float, default=0.0)
     p.add_argument("--input-perturbation", type=float, default=0.0)
+    p.add_argument("--timestep-bias-strategy", choices=("none", "later", "earlier", "range"), default="none",
+                   help="draw some timesteps more often (diffusers' SDXL script): later = the noisiest")
+    p.add_argument("--timestep-bias-multiplier", type=float, default=1.0)
+    p.add_argument("--timestep-bias-portion", type=float, default=0.25, help="share of timesteps (later/earlier)")
+    p.add_argument("--timestep-bias-begin", type=int, default=0, help="range start (strategy range)")
+    p.add_argument("--timestep-bias-end", type=int, default=1000, help="range end, exclusive (strategy range)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="0 = no EMA")
     p.add_argument("--ema-warmup", action="store_true", help="inv_gamma/power EMA warmup")
     p.add_argument("--ema-update-after", type=int, default=0)
@@ -87,7 +93,11 @@ def build(args):
         batch_size=args.batch, accumulation=args.accumulation, seed=args.seed, fsdp=args.fsdp,
         compute_dtype=compute, remat=args.remat, train_text_encoder=args.train_text_encoder,
         loss=LossConfig(prediction_type=args.prediction_type, snr_gamma=args.snr_gamma,
-                        noise_offset=args.noise_offset, input_perturbation=args.input_perturbation),
+                        noise_offset=args.noise_offset, input_perturbation=args.input_perturbation,
+                        timestep_bias_strategy=args.timestep_bias_strategy,
+                        timestep_bias_multiplier=args.timestep_bias_multiplier,
+                        timestep_bias_portion=args.timestep_bias_portion,
+                        timestep_bias_begin=args.timestep_bias_begin, timestep_bias_end=args.timestep_bias_end),
         optim=OptimConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                           max_grad_norm=args.max_grad_norm or None, schedule=args.lr_schedule,
                           warmup_steps=args.warmup, total_steps=args.steps),

@@ -29,6 +29,7 @@ from jaxdiff import schedules
 from jaxdiff.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier", "range")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +40,12 @@ class LossConfig:
     snr_gamma: min-SNR-gamma weighting (Hang et al. 2023; 5.0 recommended); None = plain MSE.
     noise_offset: scale of the per-channel offset noise (0.05-0.1 typical); 0 = off.
     input_perturbation: scale of the extra noise on z_t only (0.1 recommended); 0 = off.
-    t_min, t_max: timesteps are drawn uniformly from [t_min, t_max) (None: num_train_timesteps).
+    t_min, t_max: timesteps are drawn from [t_min, t_max) (None: num_train_timesteps), uniformly unless
+      a timestep bias is set.
+    timestep_bias_strategy: diffusers' SDXL-script timestep bias: "none"; "later" / "earlier" (the last /
+      first `timestep_bias_portion` of the timesteps); "range" ([timestep_bias_begin, timestep_bias_end)).
+      Those timesteps are drawn `timestep_bias_multiplier` times as often. "later" stresses the noisy
+      steps, where composition is decided.
     """
     prediction_type: str | None = None
     snr_gamma: float | None = None
@@ -47,12 +53,53 @@ class LossConfig:
     input_perturbation: float = 0.0
     t_min: int = 0
     t_max: int | None = None
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
 
     def __post_init__(self):
         if self.prediction_type not in (None, *PREDICTION_TYPES):
             raise ConfigError(f"prediction_type={self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"snr_gamma must be > 0, got {self.snr_gamma}")
+        if self.timestep_bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
+            raise ConfigError(f"timestep_bias_strategy={self.timestep_bias_strategy!r}: expected one of "
+                              f"{TIMESTEP_BIAS_STRATEGIES}")
+        if self.timestep_bias_multiplier <= 0:
+            raise ConfigError(f"timestep_bias_multiplier must be > 0, got {self.timestep_bias_multiplier}")
+        if not 0.0 <= self.timestep_bias_portion <= 1.0:
+            raise ConfigError(f"timestep_bias_portion must be in [0, 1], got {self.timestep_bias_portion}")
+
+
+def timestep_weights(cfg: LossConfig, num_train_timesteps: int) -> np.ndarray | None:
+    """float64 [T] probabilities of each training timestep, or None for uniform on [t_min, t_max).
+
+    diffusers' `generate_timestep_weights` (examples/text_to_image/train_text_to_image_sdxl.py), with
+    timesteps outside [t_min, t_max) given weight 0.
+    """
+    n = num_train_timesteps
+    t_max = cfg.t_max if cfg.t_max is not None else n
+    if cfg.timestep_bias_strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    weights = np.ones(n, np.float64)
+    k = int(cfg.timestep_bias_portion * n)
+    if cfg.timestep_bias_strategy == "later":
+        biased = slice(n - k, n)   # diffusers' slice(-k, None), which for k = 0 would be everything
+    elif cfg.timestep_bias_strategy == "earlier":
+        biased = slice(0, k)
+    else:
+        if not 0 <= cfg.timestep_bias_begin < cfg.timestep_bias_end <= n:
+            raise ConfigError(f"timestep bias range [{cfg.timestep_bias_begin}, {cfg.timestep_bias_end}) "
+                              f"must lie inside [0, {n})")
+        biased = slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)
+    weights[biased] *= cfg.timestep_bias_multiplier
+    weights[:cfg.t_min] = 0.0
+    weights[t_max:] = 0.0
+    if weights.sum() <= 0:
+        raise ConfigError(f"no timestep left to train on: t_min={cfg.t_min}, t_max={t_max}")
+    return weights / weights.sum()
 
 
 @jax.tree_util.register_dataclass
@@ -126,6 +173,8 @@ def draw(key: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...], cfg: Lo
          num_train_timesteps: int) -> Draw:
     """Per-sample t and noise. rows: [B] int32 global row indices; latent_shape: (h, w, C)."""
     t_max = cfg.t_max if cfg.t_max is not None else num_train_timesteps
+    weights = timestep_weights(cfg, num_train_timesteps)
+    log_p = None if weights is None else jnp.asarray(np.log(np.maximum(weights, 1e-300)), jnp.float32)
 
     n = int(np.prod(latent_shape))
     channels = latent_shape[-1]
@@ -134,7 +183,10 @@ def draw(key: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...], cfg: Lo
         # Two PRNG calls per row (one normal draw sliced four ways): threefry is slow to compile on
         # CPU, and each call site adds to the train step's compile time.
         kt, kn = jax.random.split(jax.random.fold_in(key, i))
-        t = jax.random.randint(kt, (), cfg.t_min, t_max, dtype=jnp.int32)
+        if log_p is None:
+            t = jax.random.randint(kt, (), cfg.t_min, t_max, dtype=jnp.int32)
+        else:   # a categorical draw; zero-weight timesteps get log p = -690, never drawn in float32
+            t = jax.random.categorical(kt, log_p).astype(jnp.int32)
         z = jax.random.normal(kn, (3 * n + channels,), jnp.float32)
         noise = z[:n].reshape(latent_shape)
         if cfg.noise_offset:
