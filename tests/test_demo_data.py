@@ -77,3 +77,11 @@ def test_detector_is_not_fooled():
         for attr in change:
             if attr in ("shape", "color", "position", "background"):
                 assert getattr(got, attr) == getattr(other, attr) != getattr(sc, attr)
+
+
+def test_caption_variants_leave_out_size_and_position():
+    scene = shapes.Scene("circle", "red", "blue", "top left", "small", 0.25, 0.25, 0.3)
+    assert shapes.caption(scene) == "a small red circle in the top left on a blue background"
+    assert shapes.caption(scene, size=False) == "a red circle in the top left on a blue background"
+    assert shapes.caption(scene, position=False) == "a small red circle on a blue background"
+    assert shapes.caption(scene, size=False, position=False) == "a red circle on a blue background"

@@ -64,10 +64,12 @@ class Scene:
         return (self.color, self.shape, self.position)
 
 
-def caption(scene: Scene) -> str:
-    """'a {size} {color} {shape} {where} on a {background} background'."""
-    where = POSITIONS[scene.position][1]
-    return f"a {scene.size} {scene.color} {scene.shape} {where} on a {scene.background} background"
+def caption(scene: Scene, *, size: bool = True, position: bool = True) -> str:
+    """'a {size} {color} {shape} {where} on a {background} background'; size=False / position=False leave
+    that phrase out ("a red circle on a blue background")."""
+    words = ["a"] + ([scene.size] if size else []) + [scene.color, scene.shape]
+    words += [POSITIONS[scene.position][1]] if position else []
+    return " ".join(words + [f"on a {scene.background} background"])
 
 
 def all_triples() -> list[tuple[str, str, str]]:
