@@ -11,8 +11,9 @@ Stages, all determined by --seed:
 3. latents: the training set's posterior moments are cached once;
 4. diffusion: a tiny UNet with cross-attention and a tiny CLIP text encoder over the real CLIP BPE
    vocabulary, trained jointly by jaxdiff.training.trainer.Trainer (train_text_encoder=True, v-prediction
-   on a zero-terminal-SNR schedule, the noisiest steps drawn 4x as often, 10% caption dropout for
-   classifier-free guidance, EMA), on cached moments;
+   on a zero-terminal-SNR schedule, 10% caption dropout for classifier-free guidance, EMA), on cached
+   moments, in three phases: layout (the noisiest steps drawn 4x as often), detail (min-SNR-5), prompts
+   (captions without size / position phrases too);
 5. save: the EMA weights as a native jaxdiff folder, params stored in float16 to keep the asset small.
 
 Prints one JSON line per log interval and writes `<out>/training_log.json` (configs, timings, losses).
