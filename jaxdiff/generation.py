@@ -146,8 +146,7 @@ def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Mapping[st
       {"images": uint8 [B, H, W, 3], "latents": float32 [B, h, w, C], "pixels": float32 [B, H, W, 3] in
       [0, 1] when spec.return_float}.
     """
-    ctx = prepare(m, spec, params, inputs, plan, key)
-    carry = sampler_state(plan, ctx["x_T"])
+    ctx, carry = _prepare_and_start(m, spec, params, inputs, plan, key)
     x0, _ = denoise(m, spec, params, ctx, carry, plan, key, guidance, None)
     return decode(m, spec, params, x0)
 

@@ -186,6 +186,11 @@ def _unflat(flat: dict) -> dict:
     return tree
 
 
+def _save_flat(path: Path, tree: dict, **extra) -> None:
+    """A nested params dict as one .npz with "a/b/c" keys (read back with _unflat)."""
+    np.savez(path, **extra, **{"/".join(k): v for k, v in _flat(tree).items()})
+
+
 def count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -346,7 +351,7 @@ def run(r: Recipe, out: Path, *, reuse_vae: bool = False, reuse_layout: bool = F
         _log({"stage": "vae", "reused": str(vae_file)}, log)
     else:
         vae_params, vae_losses = train_vae(r, vae_cfg, images, log)
-        np.savez(vae_file, _losses=np.asarray(vae_losses), **{"/".join(k): v for k, v in _flat(vae_params).items()})
+        _save_flat(vae_file, vae_params, _losses=np.asarray(vae_losses))
     times["vae_s"] = time.time() - t
     n_gate = min(200, len(images))
     gate = reconstruction_scores(vae_cfg, vae_params, images[:n_gate], scenes[:n_gate])
@@ -363,42 +368,35 @@ def run(r: Recipe, out: Path, *, reuse_vae: bool = False, reuse_layout: bool = F
     ids, empty = caption_ids(tokenizer, captions)
     times["cache_s"] = time.time() - t
 
+    def phase(name: str, reuse: bool, ids_, init):
+        """One diffusion phase -> (its EMA {"unet", "text_encoder"} weights, losses); saved beside `out` as
+        .<out>.<name>.npz, or read back from there when `reuse` (losses then [])."""
+        path = out.parent / f".{out.name}.{name}.npz"
+        if reuse and path.exists():
+            _log({"stage": f"diffusion_{name}", "reused": str(path)}, log)
+            return _unflat(dict(np.load(path))), []
+        trainer, state, losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids_, empty,
+                                                 log, phase=name, init=init)
+        ema = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
+        weights = {k: ema[k] for k in ("unet", "text_encoder")}
+        _save_flat(path, weights)
+        return weights, losses
+
     t = time.time()
-    layout_file = out.parent / f".{out.name}.layout.npz"   # the layout phase's EMA weights, for --reuse-layout
-    if reuse_layout and layout_file.exists():
-        layout = _unflat(dict(np.load(layout_file)))
-        layout_losses = []
-        _log({"stage": "diffusion_layout", "reused": str(layout_file)}, log)
-    else:
-        trainer, state, layout_losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids,
-                                                        empty, log)
-        layout = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
-        layout = {k: layout[k] for k in ("unet", "text_encoder")}
-        np.savez(layout_file, **{"/".join(k): v for k, v in _flat(layout).items()})
+    layout, layout_losses = phase("layout", reuse_layout, ids, None)
     times["diffusion_layout_s"] = time.time() - t
     t = time.time()
-    detail_file = out.parent / f".{out.name}.detail.npz"   # the detail phase's EMA weights, for --reuse-detail
-    if reuse_detail and detail_file.exists():
-        detail = _unflat(dict(np.load(detail_file)))
-        _log({"stage": "diffusion_detail", "reused": str(detail_file)}, log)
-    else:
-        trainer, state, _ = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids, empty, log,
-                                            phase="detail", init=layout)
-        detail = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
-        detail = {k: detail[k] for k in ("unet", "text_encoder")}
-        np.savez(detail_file, **{"/".join(k): v for k, v in _flat(detail).items()})
+    detail, _ = phase("detail", reuse_detail, ids, layout)
     times["diffusion_detail_s"] = time.time() - t
     t = time.time()
     variant_ids = np.stack([caption_ids(tokenizer, [shapes.caption(sc, size=a, position=b) for sc in scenes])[0]
                             for a, b in CAPTION_VARIANTS], axis=1)                     # [N, V, 77]
-    trainer, state, losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, variant_ids,
-                                             empty, log, phase="prompts", init=detail)
+    # The last phase's EMA weights, saved as .<out>.prompts.npz (raw float32) before the folder: a failed
+    # save must not cost the training run.
+    final, losses = phase("prompts", False, variant_ids, detail)
     times["diffusion_prompts_s"] = time.time() - t
 
-    params = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
-    # Raw float32 EMA params beside the folder first: a failed save must not cost the training run.
-    np.savez(out.parent / f".{out.name}.params.npz",
-             **{"/".join(k): v for k, v in _flat(params).items()})
+    params = {**final, "vae": vae_params}
     pipe = build_pipeline(clip_cfg, unet_cfg, vae_cfg, params, tokenizer)
     pipe.save(out)
     times = {k: round(v, 1) for k, v in times.items()}
