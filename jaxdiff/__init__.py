@@ -4,7 +4,11 @@
     pipe = jaxdiff.load("path/to/diffusers-or-jaxdiff-folder", dtype="bfloat16")
     jaxdiff.SAMPLERS     # canonical sampler names; A1111 / ComfyUI / diffusers aliases are accepted too
 """
+from jaxdiff import xla_flags as _xla_flags
 from jaxdiff.errors import CheckpointError, ConfigError, JaxdiffError, SamplerError
+
+# Before JAX creates its backends: XLA reads XLA_FLAGS once (CPU convolution kernels; see xla_flags.py).
+_xla_flags.apply_defaults()
 
 
 def load(path, dtype="float32", *, param_dtype=None):

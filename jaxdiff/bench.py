@@ -453,6 +453,8 @@ def environment(mesh=None) -> dict:
                    "host_cpus": os.cpu_count(), "machine": platform.machine()},
         "versions": {"jaxdiff_commit": commit, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
                      "flax": flax.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        # What XLA started with, jaxdiff's defaults included (jaxdiff/xla_flags.py): they change CPU kernels.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -34,6 +34,7 @@ def test_cli_pipeline_on_two_devices_writes_every_field(tmp_path, capsys):
     assert report["device"]["platform"] == "cpu" and report["device"]["count"] == 2
     assert report["device"]["peak_tflops_bf16"] is None
     assert {"jax", "jaxlib", "flax", "numpy", "python"} <= set(report["versions"])
+    assert "--xla_force_host_platform_device_count=8" in report["xla_flags"]   # conftest's, as XLA saw them
     (r,) = report["results"]
     assert set(RECORD_FIELDS) <= set(r)
     assert r["mesh"] == {"data": 2, "fsdp": 1} and r["nfe"] == 2 and len(r["times_s"]) == 2
