@@ -82,19 +82,28 @@ def test_generate_batches_and_local_gather(model, on8):
 
 
 def test_two_processes_generate_one_batch(model, tmp_path):
-    """Two processes x 2 CPU devices generate 3 images (padded to 4) together; one process on 4 devices
-    has the same rows per device, so the results must agree exactly."""
+    """Two processes x 2 CPU devices generate 3 images (padded to 4) together: both processes gather the
+    same batch, bit for bit, and it is the batch one process on 4 devices makes.
+
+    Against the one-process run, to float32 rounding, not bit for bit: XLA:CPU sizes its thread pool
+    max(cores, devices) per process (8 here, 2 in each worker), and Eigen's dot kernels (jaxdiff's CPU
+    default, jaxdiff/xla_flags.py) split their sums by pool size: measured max |diff| 3.1e-5 on latents of
+    magnitude ~4, images equal. Within one process the result does not depend on the mesh (the tests above).
+    """
     pipe, folder = model
     single = pipe(**generation_worker.REQUEST, mesh=sharding.make_mesh(jax.devices()[:4]))
     run_two_processes(REPO / "tests" / "generation_worker.py", [str(folder), str(tmp_path)], timeout=400)
     results = [np.load(tmp_path / f"proc{pid}.npz") for pid in range(2)]
     for r in results:
         assert (bool(r["multi"]), int(r["process_count"]), int(r["device_count"])) == (True, 2, 4)
-        np.testing.assert_array_equal(r["images"], single.images)
-        np.testing.assert_array_equal(r["latents"], single.latents)
+        np.testing.assert_array_equal(r["images"], results[0]["images"])
+        np.testing.assert_array_equal(r["latents"], results[0]["latents"])
+        np.testing.assert_allclose(r["latents"], single.latents, rtol=0, atol=1e-4)
+        # uint8: a pixel at a rounding boundary may land one level apart.
+        assert np.abs(r["images"].astype(int) - single.images.astype(int)).max() <= 1
         np.testing.assert_array_equal(r["indices"], [0, 1, 2])
     assert not results[0]["host0_is_none"] and results[1]["host0_is_none"]
-    np.testing.assert_array_equal(results[0]["host0"], single.images)
+    np.testing.assert_array_equal(results[0]["host0"], results[0]["images"])
     # Process 0's devices hold rows 0-1, process 1's row 2 (row 3 was padding).
     np.testing.assert_array_equal(results[0]["local_indices"], [0, 1])
     np.testing.assert_array_equal(results[1]["local_indices"], [2])
