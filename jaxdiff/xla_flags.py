@@ -7,7 +7,7 @@ CPU: XLA:CPU hands single convolutions and single dots to YNNPACK by default. On
 (jax 0.10.2, float32, measured with benchmarks/cpu_kernels_jax.py and `jaxdiff bench --model sd15 --what
 unet --batch 2`), Eigen's kernels are faster for SD's shapes: a 3x3 conv at 1280 channels, 16x16 latents,
 takes 0.18 s through YNNPACK and 0.09-0.12 s without; the SD1.5 UNet at 512^2 batch 2 goes from 18.5 s to
-14.0 s. The other YNN fusions (element-wise, reductions, dot fusions) stay on: turning every YNN fusion off
+12.3-14.0 s (two runs). The other YNN fusions (element-wise, reductions, dot fusions) stay on: turning every YNN fusion off
 makes the chunked attention's exp / sum blocks 1.7x slower.
 
 Nothing is added when:
