@@ -83,7 +83,7 @@ class Recipe:
     batch: int = 32
     lr: float = 2e-3
     detail_lr: float = 1e-3
-    prompt_steps: int = 1800        # prompts phase, from the detail phase's EMA weights
+    prompt_steps: int = 3600        # prompts phase, from the detail phase's EMA weights
     prompt_lr: float = 5e-4
     warmup: int = 100
     caption_dropout: float = 0.1
