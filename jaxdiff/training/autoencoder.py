@@ -19,7 +19,12 @@ VAE does not need):
     kl  = KL(q(z|x) || N(0, I)) / latent elements               (DiagonalGaussian.kl, per element)
     loss = rec + kl_weight * kl
 
-The per-element KL keeps `kl_weight` independent of the image and latent size. The step reuses the
+The per-element KL keeps `kl_weight` independent of the image and latent size.
+
+train="decoder" fine-tunes the decoder alone (decoder + post_quant_conv; the encoder and quant_conv are
+frozen and get no optimizer state), as Stability's sd-vae-ft-mse / ft-ema did: the posterior, hence every
+cached latent and any diffusion model trained on them, stays exactly as it was, while the decoded images
+sharpen. The KL term then has no gradient and only reports. The step reuses the
 diffusion trainer's pieces: TrainState, optim.make_optimizer (clipping, warmup, schedules), the
 non-finite guard and the diffusers EMA. Randomness: the posterior noise of row i at step s comes from
 fold_in(fold_in(key, s), i), so a step does not depend on how the batch is laid out.
@@ -40,6 +45,8 @@ from jaxdiff.training import optim
 from jaxdiff.training.trainer import TrainState
 
 RECONSTRUCTIONS = ("l1", "l2")
+# train= -> the top-level AutoencoderKL param groups that are trained (None: all of them).
+TRAINABLE_GROUPS = {"all": None, "decoder": ("decoder", "post_quant_conv")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,20 +107,32 @@ def autoencoder_loss(module, params: Any, images: jax.Array, noise_key: jax.Arra
 
 
 class AutoencoderTrainer:
-    """The jitted VAE train step, data parallel over `mesh` (default: every device)."""
+    """The jitted VAE train step, data parallel over `mesh` (default: every device).
+
+    train: "all" (from scratch) or "decoder" (decoder-only fine-tuning; see the module docstring). The
+    state's `trainable` / `ema` hold the trained groups only; `params(state)` returns the whole VAE.
+    """
 
     def __init__(self, module, params: Any, loss: AutoencoderLossConfig = AutoencoderLossConfig(),
                  optim_config: optim.OptimConfig = optim.OptimConfig(), *, ema: optim.EMAConfig | None = None,
-                 seed: int = 0, mesh=None):
+                 seed: int = 0, mesh=None, train: str = "all"):
+        if train not in TRAINABLE_GROUPS:
+            raise ConfigError(f"train={train!r}: expected one of {tuple(TRAINABLE_GROUPS)}")
         self.module = module
         self.loss_config = loss
         self.ema_config = ema
         self.seed = seed
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.optimizer = optim.make_optimizer(optim_config)
-        self._params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+        params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+        groups = TRAINABLE_GROUPS[train] or tuple(params)
+        missing = [g for g in groups if g not in params]
+        if missing:
+            raise ConfigError(f"train={train!r}: the VAE params have no {missing} (have {sorted(params)})")
+        self._params = {k: v for k, v in params.items() if k in groups}
         repl = sharding.replicated(self.mesh)
-        self._step = jax.jit(self._train_step, in_shardings=(repl, None), out_shardings=(repl, repl),
+        self._frozen = jax.device_put({k: v for k, v in params.items() if k not in groups}, repl)
+        self._step = jax.jit(self._train_step, in_shardings=(repl, repl, None), out_shardings=(repl, repl),
                              donate_argnums=(0,))
 
     def init_state(self) -> TrainState:
@@ -127,12 +146,12 @@ class AutoencoderTrainer:
 
         return jax.jit(init, out_shardings=repl)(self._params)
 
-    def _train_step(self, state: TrainState, images: jax.Array):
+    def _train_step(self, state: TrainState, frozen: Any, images: jax.Array):
         key = jax.random.fold_in(state.key, state.step)
         rows = jnp.arange(images.shape[0], dtype=jnp.int32)
         (loss, parts), grads = jax.value_and_grad(
-            lambda p: autoencoder_loss(self.module, p, images, key, rows, self.loss_config), has_aux=True)(
-                state.trainable)
+            lambda p: autoencoder_loss(self.module, {**frozen, **p}, images, key, rows, self.loss_config),
+            has_aux=True)(state.trainable)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ok = jnp.isfinite(loss) & optim.all_finite(grads)
@@ -151,14 +170,14 @@ class AutoencoderTrainer:
         """One update on images [B, H, W, C] in [-1, 1] (host numpy; B divisible by the device count).
         `state` is donated: use the returned one."""
         batch = sharding.to_global_from_local(np.asarray(images, np.float32), self.mesh)
-        return self._step(state, batch)
+        return self._step(state, self._frozen, batch)
 
     def params(self, state: TrainState, *, ema: bool = False) -> Any:
-        """Host float32 params (the EMA's with ema=True)."""
+        """Host float32 params of the whole VAE (the trained groups' EMA with ema=True)."""
         tree = state.ema if ema else state.trainable
         if tree is None:
             raise ConfigError("this run keeps no EMA (ema=None)")
-        return jax.tree.map(np.asarray, jax.device_get(tree))
+        return jax.tree.map(np.asarray, jax.device_get({**self._frozen, **tree}))
 
 
 def encode_moments(module, params: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
