@@ -17,6 +17,21 @@ from PIL import Image
 from jaxdiff import cli, images
 from jaxdiff.samplers import resolve, sampler_names
 
+
+# Ctrl-C as from a terminal. A shell starts background jobs with SIGINT ignored, and an ignored signal stays
+# ignored across exec; Python then installs no KeyboardInterrupt handler. So a test suite launched with `&`
+# (nohup, some CI runners) would see the CLI ignore SIGINT, which is right for a background job; these
+# tests give the CLI processes (and, for the in-process test, pytest itself) a terminal's handling.
+def _terminal_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -251,7 +266,8 @@ def test_rerun_never_overwrites_and_ctrl_c_leaves_only_whole_files(first_run, ti
     model, env = tiny
     proc = subprocess.Popen([sys.executable, "-m", "jaxdiff", "generate", "a red panda", "--model", str(model),
                              "--out", str(out), "--images-per-prompt", "60", *map(str, GEN)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_terminal_sigint)
     deadline = time.monotonic() + 240
     while not (out / "00005-7.png").exists():  # first batch written: the run is mid-way
         assert proc.poll() is None, proc.communicate()[1]
@@ -318,7 +334,7 @@ def test_second_run_with_progress_bar_compiles_nothing(tiny, tmp_path):
     assert second["programs"] > 0 and second["cache_hits"] == second["programs"], runs
 
 
-def test_signals_wait_for_a_file_write_to_finish():
+def test_signals_wait_for_a_file_write_to_finish(python_sigint_handler):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with cli._deferred_signals():
@@ -354,7 +370,7 @@ def test_signal_during_a_long_batch_exits_at_once(tmp_path, sig, code, word):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_FAKE, "generate", "p", "--model", str(tmp_path / "model"),
                              "--out", str(tmp_path / "out"), "--images-per-prompt", "2", "--no-compile-cache",
                              "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), preexec_fn=_terminal_sigint)
     deadline = time.monotonic() + 120
     while not (tmp_path / "out" / "00000-0.png").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
