@@ -100,9 +100,8 @@ class Recipe:
     def quick(cls) -> "Recipe":
         """A smoke run of every stage (CI): seconds per stage, the loss must still fall."""
         return cls(resolution=16, n_images=256, vae_steps=30, vae_images=256, vae_batch=8, vae_gate=0.0,
-                   decoder_steps=10,
-                   steps=30, detail_steps=10, prompt_steps=10, polish_steps=10, batch=8, warmup=3, log_every=10,
-                   lr=3e-3, vae_lr=3e-3, ema_decay=0.9, toy=True)
+                   decoder_steps=10, steps=30, detail_steps=10, prompt_steps=10, polish_steps=10, batch=8,
+                   warmup=3, log_every=10, lr=3e-3, vae_lr=3e-3, ema_decay=0.9, toy=True)
 
 
 def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
@@ -198,7 +197,8 @@ def _save_flat(path: Path, tree: dict, **extra) -> None:
 
 
 def _ends(prefix: str, losses: list) -> dict:
-    """Mean loss of the first and last 10 steps (None for a reused stage, whose losses are not kept)."""
+    """Mean loss of the first and last 10 steps (None when there are none: a stage reused from a file
+    saved before losses were kept)."""
     mean = lambda xs: float(np.mean(xs)) if len(xs) else None  # noqa: E731
     return {f"{prefix}first": mean(losses[:10]), f"{prefix}last": mean(losses[-10:])}
 
@@ -372,11 +372,12 @@ def run(r: Recipe, out: Path, *, reuse: tuple[str, ...] = ()) -> dict:
     reuse: stages (of STAGES) to read back from an earlier run with the same `out` instead of training.
     """
     unknown = sorted(set(reuse) - set(STAGES))
-    saved = lambda stage: out.parent / f".{out.name}.{stage}.npz"  # noqa: E731
-    missing = [saved(s).name for s in reuse if s in STAGES and not saved(s).exists()]
-    if unknown or missing:
-        raise SystemExit(f"--reuse: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})" if unknown else
-                         f"--reuse: no saved {missing} in {out.parent}; run those stages first, without --reuse")
+    if unknown:
+        raise SystemExit(f"--reuse: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
+    saved = lambda name: out.parent / f".{out.name}.{name}.npz"  # noqa: E731
+    missing = [saved(s).name for s in reuse if not saved(s).exists()]
+    if missing:
+        raise SystemExit(f"--reuse: no saved {missing} in {out.parent}; run those stages first, without --reuse")
     log: list = []
     times = {}
     t = time.time()
@@ -384,24 +385,27 @@ def run(r: Recipe, out: Path, *, reuse: tuple[str, ...] = ()) -> dict:
     times["data_s"] = time.time() - t
     clip_cfg, unet_cfg, vae_cfg = model_configs(r.toy)
 
-    t = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def vae_stage(name: str, decoder_of: dict | None):
-        path = saved(name)
+    def stage(name: str, logged: str, train):
+        """One stage -> (params, losses per step): `train()` run, its result saved beside `out` as
+        .<out>.<name>.npz (raw float32, before the folder: a failed save must not cost the training run),
+        or read back from there when `name` is in `reuse`. Logged and timed as `logged`."""
+        t, path = time.time(), saved(name)
         if name in reuse:
             stored = dict(np.load(path))
-            _log({"stage": "vae" if name == "vae" else "vae_decoder", "reused": str(path)}, log)
-            return _unflat({k: v for k, v in stored.items() if k != "_losses"}), list(stored["_losses"])
-        params, losses = train_vae(r, vae_cfg, images, log, decoder_of=decoder_of)
-        _save_flat(path, params, _losses=np.asarray(losses))
+            losses = list(stored.pop("_losses", []))   # files saved before losses were kept have none
+            _log({"stage": logged, "reused": str(path)}, log)
+            params = _unflat(stored)
+        else:
+            params, losses = train()
+            _save_flat(path, params, _losses=np.asarray(losses))
+        times[f"{logged}_s"] = time.time() - t
         return params, losses
 
-    vae_params, vae_losses = vae_stage("vae", None)
-    times["vae_s"] = time.time() - t
-    t = time.time()
-    vae_params, decoder_losses = vae_stage("decoder", vae_params)
-    times["vae_decoder_s"] = time.time() - t
+    first_vae, vae_losses = stage("vae", "vae", lambda: train_vae(r, vae_cfg, images, log))
+    vae_params, decoder_losses = stage("decoder", "vae_decoder",
+                                       lambda: train_vae(r, vae_cfg, images, log, decoder_of=first_vae))
     n_gate = min(200, len(images))
     gate = reconstruction_scores(vae_cfg, vae_params, images[:n_gate], scenes[:n_gate])
     _log({"stage": "vae_gate", **gate}, log)
@@ -415,38 +419,23 @@ def run(r: Recipe, out: Path, *, reuse: tuple[str, ...] = ()) -> dict:
     vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=round(AE.latent_scaling_factor(moments), 5))
     tokenizer = Tokenizer.bundled()
     ids, empty = caption_ids(tokenizer, captions)
+    variant_ids = np.stack([caption_ids(tokenizer, [shapes.caption(sc, size=a, position=b) for sc in scenes])[0]
+                            for a, b in CAPTION_VARIANTS], axis=1)                     # [N, V, 77]
     times["cache_s"] = time.time() - t
 
     def phase(name: str, ids_, init):
-        """One diffusion phase -> (its EMA {"unet", "text_encoder"} weights, losses); saved beside `out` as
-        .<out>.<name>.npz, or read back from there when `name` is in `reuse` (losses then [])."""
-        path = saved(name)
-        if name in reuse:
-            _log({"stage": f"diffusion_{name}", "reused": str(path)}, log)
-            return _unflat(dict(np.load(path))), []
-        trainer, state, losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids_, empty,
-                                                 log, phase=name, init=init)
-        ema = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
-        weights = {k: ema[k] for k in ("unet", "text_encoder")}
-        _save_flat(path, weights)
-        return weights, losses
+        """One diffusion phase -> (its EMA {"unet", "text_encoder"} weights, losses)."""
+        def train():
+            trainer, state, losses = train_diffusion(r, clip_cfg, unet_cfg, vae_cfg, vae_params, moments, ids_,
+                                                     empty, log, phase=name, init=init)
+            ema = jax.tree.map(np.asarray, jax.device_get(trainer.model_params(state, ema=True)))
+            return {k: ema[k] for k in ("unet", "text_encoder")}, losses
+        return stage(name, f"diffusion_{name}", train)
 
-    t = time.time()
     layout, layout_losses = phase("layout", ids, None)
-    times["diffusion_layout_s"] = time.time() - t
-    t = time.time()
     detail, detail_losses = phase("detail", ids, layout)
-    times["diffusion_detail_s"] = time.time() - t
-    t = time.time()
-    variant_ids = np.stack([caption_ids(tokenizer, [shapes.caption(sc, size=a, position=b) for sc in scenes])[0]
-                            for a, b in CAPTION_VARIANTS], axis=1)                     # [N, V, 77]
     prompts, losses = phase("prompts", variant_ids, detail)
-    times["diffusion_prompts_s"] = time.time() - t
-    t = time.time()
-    # The last phase's EMA weights, saved as .<out>.polish.npz (raw float32) before the folder: a failed
-    # save must not cost the training run.
     final, polish_losses = phase("polish", variant_ids, prompts)
-    times["diffusion_polish_s"] = time.time() - t
 
     params = {**final, "vae": vae_params}
     pipe = build_pipeline(clip_cfg, unet_cfg, vae_cfg, params, tokenizer)

@@ -17,6 +17,8 @@ from PIL import Image
 from jaxdiff import cli, images
 from jaxdiff.samplers import resolve, sampler_names
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # Ctrl-C as from a terminal. A shell starts background jobs with SIGINT ignored, and an ignored signal stays
 # ignored across exec; Python then installs no KeyboardInterrupt handler. So a test suite launched with `&`
@@ -31,8 +33,6 @@ def python_sigint_handler():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*argv, env=None, timeout=300):

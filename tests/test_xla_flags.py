@@ -17,7 +17,7 @@ def test_flags_added_unless_user_set_opted_out_or_untested_jaxlib():
     assert xla_flags.flags_to_add({}, None) == []
 
 
-def _flags_after_import(env: dict) -> str:
+def _flags_after_import(env: dict) -> tuple[bool, str]:
     # Compiles one SD-sized conv and reports whether XLA handed it to YNNPACK (a kCustom "ynn_fusion").
     code = ("import os, jaxdiff, jax, jax.numpy as jnp\n"
             "x, w = jnp.ones((2, 16, 16, 320)), jnp.ones((3, 3, 320, 320))\n"

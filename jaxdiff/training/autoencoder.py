@@ -19,15 +19,15 @@ VAE does not need):
     kl  = KL(q(z|x) || N(0, I)) / latent elements               (DiagonalGaussian.kl, per element)
     loss = rec + kl_weight * kl
 
-The per-element KL keeps `kl_weight` independent of the image and latent size.
+The per-element KL keeps `kl_weight` independent of the image and latent size. The step reuses the
+diffusion trainer's pieces: TrainState, optim.make_optimizer (clipping, warmup, schedules), the
+non-finite guard and the diffusers EMA. Randomness: the posterior noise of row i at step s comes from
+fold_in(fold_in(key, s), i), so a step does not depend on how the batch is laid out.
 
 train="decoder" fine-tunes the decoder alone (decoder + post_quant_conv; the encoder and quant_conv are
 frozen and get no optimizer state), as Stability's sd-vae-ft-mse / ft-ema did: the posterior, hence every
 cached latent and any diffusion model trained on them, stays exactly as it was, while the decoded images
-sharpen. The KL term then has no gradient and only reports. The step reuses the
-diffusion trainer's pieces: TrainState, optim.make_optimizer (clipping, warmup, schedules), the
-non-finite guard and the diffusers EMA. Randomness: the posterior noise of row i at step s comes from
-fold_in(fold_in(key, s), i), so a step does not depend on how the batch is laid out.
+sharpen. The KL term then has no gradient and only reports.
 """
 from __future__ import annotations
 
