@@ -9,10 +9,12 @@ init; their state dicts are converted to jaxdiff params with convert/diffusers_l
 run the very same weights. For a model folder both sides read its files. PyTorch runs in the same dtype
 with SDPA attention (diffusers' default AttnProcessor2_0, transformers' attn_implementation="sdpa"),
 under `torch.inference_mode()`, timed like the JAX side: warm-up calls, then min-of-N with device sync.
-The JAX and PyTorch runs of each case alternate, so a change in machine load hits both about alike; the
-1-minute load average is recorded with every number.
+The two sides alternate call by call (one JAX call, one PyTorch call, ...), so a slow spell of a shared
+machine falls on both about alike; the 1-minute load average is recorded with every case.
 
-Ratios: `speedup` = torch steady_s / jaxdiff steady_s (> 1: jaxdiff is faster).
+Ratios (> 1: jaxdiff is faster): `speedup` = torch steady_s / jaxdiff steady_s (min over the timed calls);
+`speedup_median` the same with medians; `speedup_pairs` each timed PyTorch call over the JAX call just
+before it, and `speedup_pairs_median` their median, the ratio least moved by a noisy machine.
 
 This file imports torch and diffusers; jaxdiff/ and convert/ never do.
 """
@@ -20,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -129,20 +129,16 @@ def torch_pipeline(nets: dict, model: str, sampler: str):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def time_torch(fn, warmup: int, repeats: int) -> list[float]:
+def synced(fn):
+    """`fn` under inference mode, returning only once the device is done (bench's companion contract)."""
     import torch
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(warmup):
+
+    def call():
+        with torch.inference_mode():
             fn()
-            sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-    return times
+        sync()
+    return call
 
 
 def compare(args, log=lambda msg: None) -> dict:
@@ -159,25 +155,29 @@ def compare(args, log=lambda msg: None) -> dict:
     del params
     cases = bench.resolve_cases(cases, pipe)
     pipe_torch = torch_pipeline(nets, args.model, args.sampler) if any(c.what == "pipeline" for c in cases) else None
+    torch_side = lambda case: synced(torch_call(
+        nets, case, bench.component_inputs(pipe, case, args.seed) if case.what != "pipeline" else None, pipe_torch))
     report = None
     for case in cases:
+        # Both sides alternate call by call (warm-up and timed calls): see bench._time_calls.
         one = bench.run(args.model, [case], dtype=args.dtype, attention=args.attention, devices=args.devices,
                         fsdp=args.fsdp, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                         compile_cache=args.compile_cache, cached_compile=args.cached_compile, pipe=pipe,
-                        log=log)
+                        log=log, companion=torch_side)
         record = one["results"][0]
-        inputs = bench.component_inputs(pipe, case, args.seed) if case.what != "pipeline" else None
-        before = os.getloadavg()[0]
-        times = time_torch(torch_call(nets, case, inputs, pipe_torch), args.warmup, args.repeats)
+        times = record.pop("companion_times_s")
         steady = min(times)
         calls = case.steps if case.what == "pipeline" else 1
         record["torch"] = {"steady_s": steady, "steady_median_s": float(np.median(times)), "times_s": times,
                            "it_per_s": calls / steady, "images_per_s": case.batch / steady,
-                           "attention": "sdpa", "threads": torch.get_num_threads(),
-                           "load_avg_1min": {"before": before, "after": os.getloadavg()[0]}}
+                           "attention": "sdpa", "threads": torch.get_num_threads()}
+        # Per pair: call i of each side ran back to back, so their ratio sees one machine state.
+        paired = [t / j for t, j in zip(times, record["times_s"])]
         record["ratio"] = {"speedup": steady / record["steady_s"],
-                           "speedup_median": record["torch"]["steady_median_s"] / record["steady_median_s"]}
-        log(f"  torch {steady:.3f} s, jaxdiff {record['steady_s']:.3f} s: speedup {record['ratio']['speedup']:.2f}x")
+                           "speedup_median": record["torch"]["steady_median_s"] / record["steady_median_s"],
+                           "speedup_pairs": paired, "speedup_pairs_median": float(np.median(paired))}
+        log(f"  torch {steady:.3f} s, jaxdiff {record['steady_s']:.3f} s: speedup {record['ratio']['speedup']:.2f}x "
+            f"(median of pairs {record['ratio']['speedup_pairs_median']:.2f}x)")
         if report is None:
             report = {k: v for k, v in one.items() if k != "results"}
             report["versions"].update(torch=torch.__version__, diffusers=diffusers.__version__,
@@ -187,14 +187,14 @@ def compare(args, log=lambda msg: None) -> dict:
     return report
 
 
-HEAD = ("what", "model", "batch", "size", "dtype", "jaxdiff s", "torch s", "speedup", "jax compile s (cached)",
-        "load")
+HEAD = ("what", "model", "batch", "size", "dtype", "jaxdiff s", "torch s", "speedup", "pairs median",
+        "jax compile s (cached)", "load")
 
 
 def row(r: dict) -> tuple[str, ...]:
     return (r["what"], r["model"], str(r["batch"]), f"{r['height']}x{r['width']}", r["dtype"],
             f"{r['steady_s']:.3f}", f"{r['torch']['steady_s']:.3f}", f"{r['ratio']['speedup']:.2f}x",
-            f"{r['compile_s']:.1f} ({bench._fmt(r['compile_cached_s'], '.1f')})",
+            f"{r['ratio']['speedup_pairs_median']:.2f}x", f"{r['compile_s']:.1f} ({bench._fmt(r['compile_cached_s'], '.1f')})",
             f"{r['load_avg_1min']['before']:.1f}")
 
 

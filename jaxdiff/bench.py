@@ -300,21 +300,33 @@ def _timed_compile(make: Callable[[], Any]) -> tuple[Any, float, bool]:
     return compiled, time.perf_counter() - t0, _CacheEvents.hits > before
 
 
-def _time_calls(call: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+def _time_calls(call: Callable[[], Any], warmup: int, repeats: int,
+                companion: Callable[[], Any] | None = None) -> tuple[list[float], list[float] | None]:
+    """(times of `call`, times of `companion` or None). With a companion (e.g. the PyTorch side of a
+    comparison), each warm-up and timed call of `call` is followed by one of `companion`, so the two
+    alternate call by call and a slow spell of a shared machine falls on both about alike.
+    `companion` must return only when its work is done (sync its device itself)."""
     import jax
     for _ in range(warmup):
         jax.block_until_ready(call())
-    times = []
+        if companion is not None:
+            companion()
+    times, other = [], ([] if companion is not None else None)
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
-    return times
+        if companion is not None:
+            t0 = time.perf_counter()
+            companion()
+            other.append(time.perf_counter() - t0)
+    return times, other
 
 
 def bench_component(pipe, case: Case, mesh, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
-                    cached_compile: bool = True) -> dict:
-    """Compile and time one component program. Returns the raw measurement (see `finish`)."""
+                    cached_compile: bool = True, companion: Callable[[], Any] | None = None) -> dict:
+    """Compile and time one component program. Returns the raw measurement (see `finish`); with a
+    `companion`, also its times, alternated call by call (see `_time_calls`)."""
     import jax
     n = mesh.size
     if case.batch % n:
@@ -328,9 +340,9 @@ def bench_component(pipe, case: Case, mesh, *, warmup: int = 1, repeats: int = 3
     if cached_compile:
         jax.clear_caches()  # drop the in-memory executable: the next compile can only hit the disk cache
         compiled, cached, cached_hit = _timed_compile(lambda: jitted().lower(params, inputs).compile())
-    times = _time_calls(lambda: compiled(params, inputs), warmup, repeats)
+    times, other = _time_calls(lambda: compiled(params, inputs), warmup, repeats, companion)
     return {"compile_s": cold, "compile_cached_s": cached, "compile_cold_hit": cold_hit,
-            "compile_cached_hit": cached_hit, "times_s": times, "flops_xla": _flops(compiled, n),
+            "compile_cached_hit": cached_hit, "times_s": times, "companion_times_s": other, "flops_xla": _flops(compiled, n),
             "peak_memory": _memory(compiled, mesh.devices.flat), "calls": 1, "images": rows}
 
 
@@ -353,7 +365,7 @@ class _Recorder:
 
 
 def bench_pipeline(pipe, case: Case, mesh, *, warmup: int = 1, repeats: int = 3, seed: int = 0,
-                   cached_compile: bool = True) -> dict:
+                   cached_compile: bool = True, companion: Callable[[], Any] | None = None) -> dict:
     """Compile and time `pipe(prompts, ...)`: one program for encode + sample + decode. The compile is
     timed inside the first call (explicit lower + compile); the cached compile costs one more full call."""
     import jax
@@ -380,13 +392,13 @@ def bench_pipeline(pipe, case: Case, mesh, *, warmup: int = 1, repeats: int = 3,
         runner = fresh_runner()
         call()
         (cached, cached_hit), = runner._jit.compile_s
-    times = _time_calls(call, warmup, repeats)
+    times, other = _time_calls(call, warmup, repeats, companion)
     compiled = next(iter(runner._jit.compiled.values()))
     sched = SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
     nfe = make_plan(case.sampler, case.steps, sched, schedule="karras").nfe
     return {"compile_s": cold, "compile_cached_s": cached, "compile_cold_hit": cold_hit,
             "compile_cached_hit": cached_hit, "first_call_s": first, "times_s": times,
-            "flops_xla_program": _flops(compiled, mesh.size), "nfe": nfe,
+            "companion_times_s": other, "flops_xla_program": _flops(compiled, mesh.size), "nfe": nfe,
             "peak_memory": _memory(compiled, mesh.devices.flat), "calls": case.steps, "images": case.batch}
 
 
@@ -495,7 +507,8 @@ def finish(raw: dict, *, case: Case, model: str, dtype: str, attention: str, mes
 
 def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str = "auto",
         devices: int | None = None, fsdp: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
-        compile_cache: str | None = None, cached_compile: bool = True, pipe=None, log=None) -> dict:
+        compile_cache: str | None = None, cached_compile: bool = True, pipe=None, log=None,
+        companion: Callable[[Case], Callable[[], Any]] | None = None) -> dict:
     """Measures every case; returns {"device", "versions", "created", "results": [record, ...]}.
 
     Args:
@@ -504,6 +517,8 @@ def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str
       devices: use the first N devices (default all); fsdp: of those, how many split the params.
       compile_cache: persistent-cache folder; None = a fresh temporary one, so `compile_s` is cold.
       cached_compile: also time a compile served by that cache (`compile_cached_s`; null if False).
+      companion: case -> a zero-argument call to alternate with jaxdiff's, call by call (compare_torch.py's
+        PyTorch side); its times go in the record's `companion_times_s` (absent without a companion).
     """
     import jax
     from jaxdiff import sharding
@@ -523,16 +538,18 @@ def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str
         for case in cases:
             log(f"{case.what}: batch {case.batch}, {case.height}x{case.width}")
             before = os.getloadavg()[0]
+            timing = dict(warmup=warmup, repeats=repeats, seed=seed, cached_compile=cached_compile,
+                          companion=companion(case) if companion is not None else None)
             if case.what == "pipeline":
-                raw = bench_pipeline(pipe, case, mesh, warmup=warmup, repeats=repeats, seed=seed,
-                                     cached_compile=cached_compile)
+                raw = bench_pipeline(pipe, case, mesh, **timing)
                 flops_xla = pipeline_flops(pipe, case, raw["nfe"])
             else:
-                raw = bench_component(pipe, case, mesh, warmup=warmup, repeats=repeats, seed=seed,
-                                      cached_compile=cached_compile)
+                raw = bench_component(pipe, case, mesh, **timing)
                 flops_xla = raw["flops_xla"]
             record = finish(raw, case=case, model=model, dtype=dtype, attention=attention, mesh=mesh, pipe=pipe,
                             flops_xla=flops_xla, load=(before, os.getloadavg()[0]))
+            if companion is not None:
+                record["companion_times_s"] = raw["companion_times_s"]
             report["results"].append(record)
             log(format_table([record], header=False))
     finally:

@@ -63,7 +63,7 @@ def test_second_compile_is_served_by_the_persistent_cache(tmp_path):
 def test_compare_torch_on_tiny_reports_the_ratio(tmp_path):
     out = tmp_path / "compare.json"
     rc = _compare_torch().main(["--model", "tiny", "--what", "text_encode", "--batch", "1", "--devices", "1",
-                                "--warmup", "0", "--repeats", "1", "--no-cached-compile", "--quiet",
+                                "--warmup", "0", "--repeats", "2", "--no-cached-compile", "--quiet",
                                 "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -71,6 +71,20 @@ def test_compare_torch_on_tiny_reports_the_ratio(tmp_path):
     (r,) = report["results"]
     assert r["what"] == "text_encode" and r["torch"]["steady_s"] > 0 and r["torch"]["attention"] == "sdpa"
     assert r["ratio"]["speedup"] == pytest.approx(r["torch"]["steady_s"] / r["steady_s"])
+    assert len(r["torch"]["times_s"]) == len(r["times_s"]) == 2
+    pairs = [t / j for t, j in zip(r["torch"]["times_s"], r["times_s"])]
+    assert r["ratio"]["speedup_pairs"] == pytest.approx(pairs)
+    assert r["ratio"]["speedup_pairs_median"] == pytest.approx(np.median(pairs))
+    assert "companion_times_s" not in r
+
+
+def test_timed_calls_alternate_with_the_companion():
+    order = []
+    times, other = bench._time_calls(lambda: order.append("jax"), 1, 3, lambda: order.append("torch"))
+    assert order == ["jax", "torch"] * 4  # one warm-up pair, then three timed pairs
+    assert len(times) == len(other) == 3
+    times, other = bench._time_calls(lambda: order.append("alone"), 0, 2)
+    assert len(times) == 2 and other is None
 
 
 def test_compare_torch_runs_the_same_weights_on_both_sides():
