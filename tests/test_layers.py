@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from convert.diffusers_layout import convert_state_dict
 from jaxdiff.models.attention import attention
-from jaxdiff.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Transformer2DModel, Upsample2D,
+from jaxdiff.models.layers import (BasicTransformerBlock, Downsample2D, GroupNorm, ResnetBlock2D,
+                                   Transformer2DModel, Upsample2D, feed_forward_token_chunk,
                                    get_timestep_embedding, upsample_nearest)
 
 
@@ -127,6 +128,42 @@ def test_upsample_nearest_general_size_matches_torch():
     for size in [(10, 14), (6, 9), (13, 11), (5, 7)]:
         want = _nhwc(F.interpolate(x, size=size, mode="nearest"))
         np.testing.assert_array_equal(np.asarray(upsample_nearest(jnp.asarray(_nhwc(x)), size)), want)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_transformer_block_matches_diffusers_with_the_feed_forward_whole_or_in_token_blocks(chunk):
+    from diffusers.models.attention import BasicTransformerBlock as Ref
+    ref = _perturb(Ref(16, 2, 8, cross_attention_dim=12, activation_fn="geglu"))
+    x, ctx = torch.randn(2, 12, 16), torch.randn(2, 5, 12)
+    want = ref(x, encoder_hidden_states=ctx).detach().numpy()
+    model = BasicTransformerBlock(heads=2, head_dim=8, ff_token_chunk=chunk)
+    got = _run(model, ref, jnp.asarray(x.numpy()), jnp.asarray(ctx.numpy()))
+    _assert_close(got, want)
+
+
+def test_feed_forward_in_token_blocks_has_the_same_params_outputs_and_gradients():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 8))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 8))
+    whole, blocks = (BasicTransformerBlock(heads=2, head_dim=4, ff_token_chunk=n) for n in (0, 4))
+    params = whole.init(jax.random.PRNGKey(0), x, ctx)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)
+    assert shapes(blocks.init(jax.random.PRNGKey(0), x, ctx)) == shapes(params)
+    np.testing.assert_allclose(blocks.apply(params, x, ctx), whole.apply(params, x, ctx), rtol=1e-6, atol=1e-6)
+    loss = lambda model: jax.grad(lambda p: jnp.sum(model.apply(p, x, ctx) ** 2))(params)
+    for g_blocks, g_whole in zip(jax.tree_util.tree_leaves(loss(blocks)), jax.tree_util.tree_leaves(loss(whole))):
+        np.testing.assert_allclose(g_blocks, g_whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide 16 tokens"):
+        BasicTransformerBlock(heads=2, head_dim=4, ff_token_chunk=5).init(jax.random.PRNGKey(0), x, ctx)
+
+
+def test_feed_forward_token_chunk_keeps_the_hidden_block_in_cache_on_cpu_only():
+    # SD1.5 at 64x64 latents, batch 2 (CFG): 1024 tokens x 2 rows x 2560 hidden = 21 MB blocks.
+    assert feed_forward_token_chunk("cpu", 2, 4096, 2560) == 1024
+    assert feed_forward_token_chunk("cpu", 2, 1024, 5120) == 512
+    assert feed_forward_token_chunk("cpu", 2, 256, 10240) == 0     # already one block
+    assert feed_forward_token_chunk("cpu", 1, 4095, 2560) == 0     # odd: no power-of-two divisor
+    assert feed_forward_token_chunk("gpu", 2, 4096, 2560) == 0
+    assert feed_forward_token_chunk("tpu", 16, 4096, 2560) == 0
 
 
 @pytest.mark.parametrize("linear", [False, True])

@@ -276,15 +276,39 @@ class GEGLU(nn.Module):
         return value * nn.gelu(gate, approximate=False)
 
 
+# CPU: the feed-forward runs over blocks of tokens whose GEGLU hidden activations, [B, chunk, 8C] float32,
+# are at most this many elements (21 MB), so they stay in the L3 cache between the two matmuls instead of
+# going to memory (84 MB at 64x64 latents, batch 2). Measured on the 2-core dev CPU (35 MB L3), min of
+# 20 calls, the same results bit for bit: SD1.5's feed-forward at 64x64 (8192 rows x 320) 112-172 ms
+# chunked by 2048 rows against 144-211 ms whole; 32x32 (2048 x 640) 108-134 against 123-161 ms by 1024.
+_CPU_FF_BLOCK_ELEMENTS = 2048 * 2560
+
+
+def feed_forward_token_chunk(backend: str, batch: int, tokens: int, hidden: int) -> int:
+    """Tokens per block of the chunked feed-forward, or 0 to run it whole (every backend but CPU, or when
+    one block would hold every token). A power of two dividing `tokens`; `hidden` = GEGLU's 2 * 4C."""
+    if backend != "cpu":
+        return 0
+    chunk = tokens
+    while chunk % 2 == 0 and batch * chunk * hidden > _CPU_FF_BLOCK_ELEMENTS:
+        chunk //= 2
+    return chunk if chunk < tokens else 0
+
+
 class BasicTransformerBlock(nn.Module):
     """diffusers' BasicTransformerBlock (layer_norm type, GEGLU feed-forward, mult 4):
 
     x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)).
+
+    `ff_token_chunk`: run the feed-forward over blocks of this many tokens (a divisor of L), 0 whole,
+    None as `feed_forward_token_chunk` picks for the default backend. Each token's output is the same
+    either way; only the cache traffic changes.
     """
     heads: int
     head_dim: int
     upcast: bool = False
     implementation: str = "auto"
+    ff_token_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -299,7 +323,20 @@ class BasicTransformerBlock(nn.Module):
         x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
         h = norm("norm3")(x)
         ff = FeedForward(name="ff", **kw)
-        return x + ff(h)
+        b, length, c = h.shape
+        chunk = self.ff_token_chunk
+        if chunk is None:
+            chunk = feed_forward_token_chunk(jax.default_backend(), b, length, 2 * ff.mult * c)
+        if not chunk or chunk >= length:
+            return x + ff(h)
+        if length % chunk:
+            raise ValueError(f"ff_token_chunk {chunk} does not divide {length} tokens")
+        # Blocks along the tokens, not the batch: a batch-sharded h stays sharded, no device exchange.
+        blocks = h.reshape(b, length // chunk, chunk, c).transpose(1, 0, 2, 3)     # [n, B, chunk, C]
+        each_block = nn.scan(lambda module, carry, block: (carry, module(block)),
+                             variable_broadcast="params", split_rngs={"params": False})
+        _, out = each_block(ff, None, blocks)                                       # [n, B, chunk, C]
+        return x + out.transpose(1, 0, 2, 3).reshape(b, length, c)
 
 
 class FeedForward(nn.Module):
