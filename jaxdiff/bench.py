@@ -21,10 +21,13 @@ explicitly (`compile_s`, cold: a fresh persistent-cache folder unless --compile-
 more full run). `steady_s` is the fastest timed call (min-of-N: on a shared machine the minimum is
 the least disturbed run); the median and every time are kept too, with the load average around them.
 
-FLOPs: XLA's cost analysis of the compiled program (summed over devices), and the published count
-from shared/reference/numbers.md for the stock presets, scaled by pixel count for other sizes (an
-approximation: attention grows faster than linearly). XLA counts a loop body once, so the pipeline's
-FLOPs are built from its parts: NFE x UNet(rows) + VAE decode + text encode, each from XLA.
+FLOPs: the published count from shared/reference/numbers.md for the stock presets, scaled by pixel
+count for other sizes (an approximation: attention grows faster than linearly), and XLA's cost analysis
+of the compiled program (summed over devices). TFLOP/s and MFU use the published count where there is
+one (`flops_per_call.rate_from`): XLA counts a loop body once (the CPU attention and feed-forward run in
+loops) and a custom call (cuDNN, splash attention) as nothing, so XLA's count is the cross-check, and
+the rate for model folders. The pipeline's XLA FLOPs are built from its parts: NFE x UNet(rows) + VAE
+decode + text encode, each from XLA.
 MFU = achieved FLOP/s per device / the device's dense bf16 peak (`PEAK_TFLOPS`), whatever the dtype,
 the convention nanoGPT and most papers use; null where the peak is unknown (CPUs).
 
@@ -470,13 +473,24 @@ def environment(mesh=None) -> dict:
     }
 
 
+def rate_flops(reference: float | None, xla: float | None) -> tuple[float | None, str | None]:
+    """(FLOPs per call that TFLOP/s and MFU are computed from, "reference" / "xla" / None).
+
+    The published count where there is one, XLA's otherwise: XLA's undercounts whatever runs in a loop
+    (counted once: the CPU attention and feed-forward blocks) or in a custom call (cuDNN / splash
+    attention count zero), so it stays a cross-check."""
+    if reference is not None:
+        return reference, "reference"
+    return (xla, "xla") if xla is not None else (None, None)
+
+
 def finish(raw: dict, *, case: Case, model: str, dtype: str, attention: str, mesh, pipe,
            flops_xla: float | None, load: tuple[float, float]) -> dict:
     """Raw timings -> the reported record (every field always present; null where not measurable)."""
     steady = min(raw["times_s"])
     n = mesh.size
     ref = reference_flops(model, case, pipe)
-    flops = flops_xla if flops_xla is not None else ref
+    flops, source = rate_flops(ref, flops_xla)
     tflops = flops / steady / 1e12 if flops else None
     peak = peak_tflops(next(iter(mesh.devices.flat)))
     f = pipe.vae.config.downsample_factor
@@ -494,7 +508,7 @@ def finish(raw: dict, *, case: Case, model: str, dtype: str, attention: str, mes
         # second otherwise; images/s: images (pipeline) or batch rows (components) per second.
         "it_per_s": raw["calls"] / steady, "images_per_s": raw["images"] / steady,
         "images_per_s_per_device": raw["images"] / steady / n,
-        "flops_per_call": {"xla": flops_xla, "reference": ref}, "tflops": tflops,
+        "flops_per_call": {"xla": flops_xla, "reference": ref, "rate_from": source}, "tflops": tflops,
         "mfu": tflops / n / peak if tflops is not None and peak else None,
         "peak_memory": raw["peak_memory"],
         "load_avg_1min": {"before": load[0], "after": load[1]},

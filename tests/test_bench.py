@@ -47,6 +47,7 @@ def test_cli_pipeline_on_two_devices_writes_every_field(tmp_path, capsys):
     # Pipeline FLOPs from its parts exceed the whole program's count, where XLA counts the scan body once.
     assert r["flops_per_call"]["xla"] > r["flops_xla_program"] > 0
     assert r["tflops"] == pytest.approx(r["flops_per_call"]["xla"] / r["steady_s"] / 1e12)
+    assert r["flops_per_call"]["rate_from"] == "xla"  # tiny has no published count
     assert r["peak_memory"]["bytes"] > 0 and "memory_analysis" in r["peak_memory"]["source"]
 
 
@@ -111,6 +112,12 @@ def test_reference_flops_scale_with_pixels_and_batch():
     full = bench.Case(what="pipeline", batch=1, height=512, width=512, steps=20, guidance_scale=7.5)
     assert bench.reference_flops("sd15", full, pipe) == pytest.approx(20 * 2 * 0.677e12 + 2.48e12 + 2 * 0.013e12)
     assert bench.reference_flops("tiny", unet, pipe) is None
+
+
+def test_rates_use_the_published_flops_where_there_are_some():
+    assert bench.rate_flops(1.35e12, 1.2e12) == (1.35e12, "reference")  # XLA: loop bodies counted once
+    assert bench.rate_flops(None, 1.2e12) == (1.2e12, "xla")
+    assert bench.rate_flops(None, None) == (None, None)
 
 
 def test_peak_table_by_device_kind():
