@@ -142,6 +142,24 @@ def test_gradients_merged_equal_unmerged():
         assert np.linalg.norm(g - h) <= 1e-4 * np.linalg.norm(h), path
 
 
+def test_unmerged_lora_reaches_the_feed_forward_run_in_token_blocks():
+    """The CPU feed-forward runs inside nn.scan (layers.feed_forward_token_chunk); the unmerged branch,
+    added by method interception, must still reach its Dense layers there, as merged kernels do."""
+    from jaxdiff.models.layers import BasicTransformerBlock
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 8))
+    ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 8))
+    module = BasicTransformerBlock(heads=2, head_dim=4, ff_token_chunk=4)
+    params = module.init(jax.random.PRNGKey(0), x, ctx)["params"]
+    cfg = L.LoRAConfig(rank=2, alpha=2.0, targets=("ff/net_0/proj", "ff/net_2", "attn1/to_q"))
+    lora = unflat(randomize_up(L.init(params, cfg, jax.random.PRNGKey(3)), std=0.5))
+    assert len(L.factors(lora)) == 3
+    base = module.apply({"params": params}, x, ctx)
+    merged = module.apply({"params": L.merge(params, lora, cfg.scale)}, x, ctx)
+    unmerged = jax.jit(lambda lo: L.apply_unmerged(module, params, lo, cfg.scale, x, ctx))(lora)
+    assert np.abs(merged - base).max() > 0.1
+    np.testing.assert_allclose(unmerged, merged, rtol=0, atol=RTOL * float(np.abs(merged).max()))
+
+
 # --- export, loaded by diffusers --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
