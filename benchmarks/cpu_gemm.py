@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # (M, K, N, times per UNet call): per transformer block at C channels, L tokens, batch 2: to_q/k/v/out of
 # attn1, to_q/out of attn2 and proj_in/out are [2L, C] x [C, C] (8 per block), GEGLU's proj C -> 8C, and
 # net_2 4C -> C. 64x64: 5 blocks, C 320; 32x32: 5 blocks, C 640; 16x16: 6 blocks (mid too), C 1280.
-SHAPES = [(2 * tokens, c, n, blocks * per_block)
-          for tokens, c, blocks in ((4096, 320, 5), (1024, 640, 5), (256, 1280, 6))
-          for n, per_block in ((c, 8), (8 * c, 1))] + \
-         [(2 * tokens, 4 * c, c, blocks) for tokens, c, blocks in ((4096, 320, 5), (1024, 640, 5), (256, 1280, 6))]
+LEVELS = ((4096, 320, 5), (1024, 640, 5), (256, 1280, 6))   # (tokens, C, transformer blocks)
+SHAPES = [(2 * tokens, k, n, blocks * per_block) for tokens, c, blocks in LEVELS
+          for k, n, per_block in ((c, c, 8), (c, 8 * c, 1), (4 * c, c, 1))]
 
 
 def main(argv=None) -> int:

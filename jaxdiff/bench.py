@@ -513,8 +513,8 @@ def finish(raw: dict, *, case: Case, model: str, dtype: str, attention: str, mes
         "peak_memory": raw["peak_memory"],
         "load_avg_1min": {"before": load[0], "after": load[1]},
     }
-    for key in ("first_call_s", "nfe", "flops_xla_program"):
-        if key in raw:
+    for key in ("first_call_s", "nfe", "flops_xla_program", "companion_times_s"):
+        if raw.get(key) is not None:
             record[key] = raw[key]
     return record
 
@@ -562,8 +562,6 @@ def run(model: str, cases: list[Case], *, dtype: str = "float32", attention: str
                 flops_xla = raw["flops_xla"]
             record = finish(raw, case=case, model=model, dtype=dtype, attention=attention, mesh=mesh, pipe=pipe,
                             flops_xla=flops_xla, load=(before, os.getloadavg()[0]))
-            if companion is not None:
-                record["companion_times_s"] = raw["companion_times_s"]
             report["results"].append(record)
             log(format_table([record], header=False))
     finally:
