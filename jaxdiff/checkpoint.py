@@ -26,7 +26,7 @@ import numpy as np
 from convert.diffusers_layout import flatten, unflatten
 from convert.formats import atomic_folder, read_safetensors, write_safetensors
 from jaxdiff.errors import CheckpointError
-from jaxdiff.models.configs import _freeze
+from jaxdiff.config_parsing import freeze
 
 INDEX = "jaxdiff.json"
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ def config_from_dict(cls, raw: Mapping[str, Any], source: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise CheckpointError(f"{source}: unknown config fields {unknown}; was it written by a newer jaxdiff?")
-    return cls(**{k: _freeze(v) for k, v in raw.items()})
+    return cls(**{k: freeze(v) for k, v in raw.items()})
 
 
 def save_params(folder: Path, params: Mapping[str, Any]) -> None:

@@ -18,6 +18,7 @@ config, the jax and flax versions and the source of jaxdiff/models (any edit the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -48,6 +49,13 @@ class Component:
 
     def apply(self, *args, method=None):
         return self._apply({"params": self.params}, *args, method=method)
+
+    def with_params(self, params) -> "Component":
+        """The same module and config with other params of the same structure; shares the compiled
+        `apply` (a new Component would trace and compile it again)."""
+        clone = copy.copy(self)
+        clone.params = params
+        return clone
 
 
 class UNet(Component):
@@ -180,7 +188,7 @@ def _zeros(shape, dtype=jnp.float32):
 
 def _unet_init(cfg: UNetConfig):
     added = lambda: None
-    if cfg.addition_embed_type == "text_time":
+    if cfg.takes_text_time:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         added = lambda: {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
     args = (_zeros((1, 8, 8, cfg.in_channels)), _zeros((1,)), _zeros((1, 4, cfg.cross_attention_dim)), added)

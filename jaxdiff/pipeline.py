@@ -7,9 +7,12 @@
     pipe.vae.decode(z)
     pipe.save("out/")                            # native format, read back by jaxdiff.load
 
-`__call__` checks a request and turns it into per-image host arrays (token ids, time ids, init image,
-mask, sample indices); jaxdiff.generation compiles text encoding + sampling + decoding into one
-sharded program and holds the seed rules. jaxdiff.prompts holds the text-conditioning rules.
+`__call__` is: build the request (jaxdiff.request checks it and makes per-image host arrays), run it
+(jaxdiff.generation: text encoding + sampling + decoding as one sharded program), collect the images.
+Params are arguments: `pipe.params` is a dict by component, `pipe(..., params=tree)` runs other
+weights, and `pipe.with_params(tree)` is a pipeline over other weights that shares this one's compiled
+programs (LoRA, EMA and fine-tuned weights never recompile). `pipe.family` (jaxdiff.family) says what
+kind of model this is.
 """
 from __future__ import annotations
 
@@ -20,9 +23,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+import jax
+
 from jaxdiff import checkpoint, generation, prompts
+from jaxdiff import request as requests
 from jaxdiff.components import Component
 from jaxdiff.errors import CheckpointError, JaxdiffError
+from jaxdiff.family import ModelFamily, family_of
 
 REQUIRED = ("unet", "vae")  # plus at least one text encoder (the SDXL refiner has only text_encoder_2)
 GATHER = ("all", "host0", "local")
@@ -52,9 +59,10 @@ class Pipeline:
     def __init__(self, *, unet: Component, vae: Component, text_encoder: Component | None = None,
                  tokenizer=None, text_encoder_2: Component | None = None, tokenizer_2=None,
                  scheduler_config: Mapping[str, Any] | None = None, pipeline_class: str | None = None,
-                 options: Mapping[str, Any] | None = None):
+                 options: Mapping[str, Any] | None = None, programs: generation.Programs | None = None):
         """`options`: model_index.json pipeline flags jaxdiff honours: "force_zeros_for_empty_prompt"
-        (default: True for SDXL base, False for refiners, as the released checkpoints set it)."""
+        (default: True for SDXL base, False for refiners, as the released checkpoints set it).
+        `programs`: compiled programs to share (`with_params` passes its own; None makes new ones)."""
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -64,7 +72,8 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self.pipeline_class = pipeline_class
         self.options = dict(options or {})
-        self._runners: dict[Any, generation.Runner] = {}
+        self.family: ModelFamily = family_of(self.components(), self.scheduler_config)
+        self._programs = programs if programs is not None else generation.Programs(generation.models_of(self))
         self._mesh = None
 
     @classmethod
@@ -94,12 +103,47 @@ class Pipeline:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family.is_sdxl
 
     def components(self) -> dict[str, Component]:
         """The networks present, by their diffusers names."""
         return {name: c for name in ("text_encoder", "text_encoder_2", "unet", "vae")
                 if (c := getattr(self, name)) is not None}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """component name -> its params tree (the weights every call uses unless given others)."""
+        return {name: c.params for name, c in self.components().items()}
+
+    def with_params(self, params: Mapping[str, Any]) -> "Pipeline":
+        """A pipeline over other weights of the same shapes that shares this one's compiled programs.
+
+        Args:
+          params: component name -> params tree, for some or all components (the rest are kept).
+        Raises:
+          JaxdiffError: an unknown component, or a tree whose structure, shapes or dtypes differ.
+        """
+        merged = self._checked_params(params)
+        comps = {name: c.with_params(merged[name]) for name, c in self.components().items()}
+        return Pipeline(**comps, tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
+                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
+                        options=self.options, programs=self._programs)
+
+    def _checked_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """`params` over this pipeline's own, checked to fit the compiled programs."""
+        own = self.params
+        if params is None:
+            return own
+        unknown = sorted(set(params) - set(own))
+        if unknown:
+            raise JaxdiffError(f"params for {unknown}: this pipeline's components are {sorted(own)}")
+        for name, tree in params.items():
+            want = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), own[name])
+            got = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+            if got != want:
+                raise JaxdiffError(f"params[{name!r}] do not match the {name}'s structure, shapes and dtypes; "
+                                   f"cast them to the pipeline's param dtype and keep every leaf's shape")
+        return {**own, **params}
 
     def save(self, dst) -> None:
         """Writes the native format (jaxdiff.checkpoint) atomically; `jaxdiff.load(dst)` reads it back."""
@@ -127,31 +171,16 @@ class Pipeline:
         return self._mesh
 
     def runner(self, mesh=None) -> generation.Runner:
-        """The compiled-program holder for `mesh` (params placed once per mesh)."""
-        mesh = mesh if mesh is not None else self.mesh
-        if mesh not in self._runners:
-            self._runners[mesh] = generation.Runner(self, mesh)
-        return self._runners[mesh]
+        """The compiled programs for `mesh` (shared with every `with_params` pipeline of this one)."""
+        return self._programs.runner(mesh if mesh is not None else self.mesh)
 
     @property
     def vae_scale_factor(self) -> int:
-        return self.vae.config.downsample_factor
+        return self.family.vae_factor
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, steps: int = 25,
-                 sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance_scale: float = 7.5,
-                 guidance_rescale: float = 0.0, clip_skip: int | None = None, seed: int = 0,
-                 num_images_per_prompt: int = 1, latents=None, image=None, strength: float | None = None,
-                 mask=None, indices: Sequence[int] | None = None,
-                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None,
-                 negative_original_size: tuple[int, int] | None = None,
-                 negative_crops_coords_top_left: tuple[int, int] | None = None,
-                 negative_target_size: tuple[int, int] | None = None,
-                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-                 sampler_options: Mapping[str, Any] | None = None, gather: str = "all", mesh=None,
-                 return_float: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> GenerationOutput:
+                 gather: str = "all", mesh=None, params: Mapping[str, Any] | None = None,
+                 progress: Callable[[int, int], None] | None = None, **options) -> GenerationOutput:
         """Generate images: txt2img, img2img (`image`), inpainting (`image` + `mask`).
 
         Args:
@@ -181,6 +210,8 @@ class Pipeline:
           gather: "all" (every process gets every image), "host0" (process 0 only), "local" (each
             process its own rows; see GenerationOutput.indices).
           mesh: a jaxdiff.sharding mesh (default: all devices).
+          params: component name -> params to use instead of the pipeline's own, for some or all
+            components (same structure and shapes; compiles nothing new).
           return_float: also return the float images in [0, 1] (GenerationOutput.pixels).
           progress: called on the host as (model evaluations done, total) after each evaluation. The
             request then runs as three programs (prepare, one evaluation called K times, decode) instead
@@ -191,100 +222,19 @@ class Pipeline:
         """
         if gather not in GATHER:
             raise JaxdiffError(f"gather={gather!r}; expected one of {', '.join(GATHER)}")
-        ids, neg_ids, n_prompts = prompts.tokenize_request(self, prompt, negative_prompt, num_images_per_prompt)
-        rows = n_prompts * num_images_per_prompt
-        clip_skip = prompts.check_clip_skip(self, clip_skip)
-        f = self.vae_scale_factor
-        c = self.vae.config.latent_channels
+        req = requests.build(self, prompt, negative_prompt, **options)
+        on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
+        out, n = self.runner(mesh)(req.spec, self._checked_params(params), req.inputs, req.plan, req.key,
+                                   req.guidance, on_step=on_step)
+        return _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
 
-        image_rows = mask_rows = None
-        if image is not None:
-            image_rows = _per_row(_rgb(_as_images(image, "image")), rows, num_images_per_prompt, "image")
-            size = image_rows.shape[1:3]
-            if (height, width) not in ((None, None), tuple(size)):
-                raise JaxdiffError(f"image is {size[0]}x{size[1]} but height, width = {height}, {width}; "
-                                   f"resize the image or leave height and width unset")
-            height, width = size
-        elif mask is not None:
-            raise JaxdiffError("mask needs an init image (image=)")
-        default = (self.unet.config.sample_size or 64) * f
-        height, width = height or default, width or default
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8 or v % f:
-                raise JaxdiffError(f"{name}={v!r} must be a positive multiple of 8 (and of the VAE factor {f})")
-        h, w = height // f, width // f
-
-        if mask is not None:
-            mask_rows = _per_row(_as_mask(mask), rows, num_images_per_prompt, "mask")
-            if mask_rows.shape[1:3] != (height, width):
-                raise JaxdiffError(f"mask is {mask_rows.shape[1]}x{mask_rows.shape[2]} but the image is "
-                                   f"{height}x{width}")
-        mode = "txt2img"
-        if image_rows is not None:
-            mode = "img2img"
-            if mask_rows is not None:
-                unet_in = self.unet.config.in_channels
-                if unet_in == 2 * c + 1:
-                    mode = "inpaint"
-                elif unet_in == c:
-                    mode = "inpaint_blend"
-                else:
-                    raise JaxdiffError(f"inpainting needs a UNet with {c} or {2 * c + 1} input channels, "
-                                       f"this one has {unet_in}")
-        elif self.unet.config.in_channels != c:
-            raise JaxdiffError(f"this is an inpainting model ({self.unet.config.in_channels}-channel UNet): "
-                               f"pass image= and mask=")
-        if strength is None:
-            strength = 0.75 if mode == "img2img" else 1.0
-        elif mode == "txt2img":
-            raise JaxdiffError("strength applies only with an init image (image=)")
-
-        from jaxdiff.samplers import make_plan
-        from jaxdiff.schedules import SchedulerConfig
-        sched = SchedulerConfig.from_dict(self.scheduler_config or {}, "scheduler_config.json")
-        plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength, **dict(sampler_options or {}))
-
-        cfg = float(guidance_scale) > 1.0
-        if not 0.0 <= float(guidance_rescale) <= 1.0:
-            raise JaxdiffError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
-        sdxl = self.unet.config.addition_embed_type == "text_time"
-        zero_negative = sdxl and negative_prompt is None and bool(
-            self.options.get("force_zeros_for_empty_prompt", not self._is_refiner()))
-        if cfg and neg_ids is None and not zero_negative:
-            neg_ids = prompts.empty_ids(self, rows)
-
-        idx = np.arange(rows) if indices is None else np.asarray(indices)
-        if idx.shape != (rows,) or not np.issubdtype(idx.dtype, np.integer) or (idx < 0).any():
-            raise JaxdiffError(f"indices must be {rows} non-negative integers (one per image), got {indices!r}")
-        inputs: dict[str, Any] = {"index": idx.astype(np.int32), "ids": ids}
-        if cfg and not zero_negative:
-            inputs["neg_ids"] = neg_ids
-        if sdxl:
-            pos, neg = self._time_ids(height, width, original_size, crops_coords_top_left, target_size,
-                                      negative_original_size, negative_crops_coords_top_left,
-                                      negative_target_size, aesthetic_score, negative_aesthetic_score)
-            inputs["time_ids"] = np.tile(pos[None], (rows, 1))
-            if cfg:
-                inputs["neg_time_ids"] = np.tile(neg[None], (rows, 1))
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (rows, h, w, c):
-                raise JaxdiffError(f"latents must be [B, h, w, C] = {(rows, h, w, c)} (NHWC), got {latents.shape}")
-            inputs["latents"] = latents
-        if image_rows is not None:
-            inputs["image"] = 2.0 * image_rows - 1.0  # [-1, 1], as diffusers' VaeImageProcessor.normalize
-        if mask_rows is not None:
-            inputs["mask"] = mask_rows
-
-        spec = generation.Spec(mode=mode, cfg=cfg, rescale=cfg and float(guidance_rescale) > 0.0,
-                               zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
-                               from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                               return_float=return_float, latent_size=(h, w))
-        runner = self.runner(mesh)
-        on_step = None if progress is None else lambda k: progress(k + 1, plan.nfe)
-        out, n = runner(spec, inputs, plan, generation.request_key(seed),
-                        np.array([guidance_scale, guidance_rescale], np.float32), on_step=on_step)
-        return _collect(out, n, inputs["index"], gather)  # blocks until the program is done
+    def lower(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+              mesh=None, params: Mapping[str, Any] | None = None, **options) -> jax.stages.Lowered:
+        """The one program `pipe(prompt, ...)` runs, lowered (JAX AOT) for these arguments: compile it
+        to time compilation or read XLA's cost and memory analysis (jaxdiff.bench does)."""
+        req = requests.build(self, prompt, negative_prompt, **options)
+        return self.runner(mesh).lower(req.spec, self._checked_params(params), req.inputs, req.plan,
+                                       req.key, req.guidance)
 
     def generate_batches(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int | None = None, negative_prompt: str | Sequence[str] | None = None,
@@ -313,33 +263,6 @@ class Pipeline:
             yield self(rows[start:stop], None if neg_rows is None else neg_rows[start:stop],
                        indices=list(range(start, stop)), **kwargs)
 
-    def _is_refiner(self) -> bool:
-        """SDXL refiner: 5 time ids (sizes + aesthetic score) instead of 6."""
-        return self._n_time_ids() == 5
-
-    def _n_time_ids(self) -> int:
-        cfg = self.unet.config
-        pooled = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else 0
-        return (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
-
-    def _time_ids(self, height, width, original_size, crops, target_size, neg_original, neg_crops, neg_target,
-                  aesthetic, neg_aesthetic) -> tuple[np.ndarray, np.ndarray]:
-        """SDXL micro-conditioning (diffusers' _get_add_time_ids): float32 [n] positive and negative."""
-        original = tuple(original_size or (height, width))
-        target = tuple(target_size or (height, width))
-        crops = tuple(crops)
-        neg_original = tuple(neg_original or original)
-        neg_crops = tuple(neg_crops or crops)
-        neg_target = tuple(neg_target or target)
-        n = self._n_time_ids()
-        if n == 5:
-            pos, neg = original + crops + (aesthetic,), neg_original + neg_crops + (neg_aesthetic,)
-        elif n == 6:
-            pos, neg = original + crops + target, neg_original + neg_crops + neg_target
-        else:
-            raise JaxdiffError(f"this UNet expects {n} SDXL time ids; jaxdiff knows 6 (base) and 5 (refiner)")
-        return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
-
 
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:
     """Global program outputs -> host arrays per the gather mode (trimmed to the n real rows)."""
@@ -355,54 +278,3 @@ def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOut
     host = sharding.trim(host, n)
     return GenerationOutput(images=host["images"], latents=host["latents"], indices=index[:n].astype(np.int64),
                             pixels=host.get("pixels"))
-
-
-def _as_images(image, what: str) -> np.ndarray:
-    """uint8 / float [0, 1] image(s) (arrays, PIL images or a list of them) -> float32 [N, H, W, C]."""
-    if isinstance(image, (list, tuple)):
-        arrays = [np.asarray(i) for i in image]
-        if len({a.shape for a in arrays}) != 1:
-            raise JaxdiffError(f"{what}: all images must have the same size, got {[a.shape for a in arrays]}")
-        image = np.stack(arrays)
-    x = np.asarray(image)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0  # as diffusers' pil_to_numpy
-    elif np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-        if x.size and (x.min() < 0.0 or x.max() > 1.0):
-            raise JaxdiffError(f"{what}: float images must be in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-    else:
-        raise JaxdiffError(f"{what}: expected uint8 or float pixels, got {x.dtype}")
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-        raise JaxdiffError(f"{what}: expected [H, W, 3] or [N, H, W, 3] pixels, got shape {np.shape(image)}")
-    return x
-
-
-def _rgb(x: np.ndarray) -> np.ndarray:
-    """[N, H, W, 1 | 3 | 4] -> [N, H, W, 3]: grey repeated, alpha dropped."""
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
-
-
-def _as_mask(mask) -> np.ndarray:
-    """A mask in any common layout -> float32 [N, H, W, 1] in {0, 1} (>= 0.5 means repaint)."""
-    x = np.asarray(mask[0] if isinstance(mask, (list, tuple)) and len(mask) == 1 else mask)
-    if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] not in (1, 3, 4)):
-        x = x[..., None]  # [H, W] or [N, H, W]
-    x = _as_images(x, "mask")
-    if x.shape[-1] >= 3:  # RGB(A): luma as PIL's convert("L"), which diffusers' mask processor uses
-        x = (x[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    return (x >= 0.5).astype(np.float32)
-
-
-def _per_row(x: np.ndarray, rows: int, per_prompt: int, what: str) -> np.ndarray:
-    """[1 | P | B, ...] -> [B, ...]: one for all, one per prompt (repeated N times), or one per image."""
-    n = x.shape[0]
-    if n == 1:
-        return np.repeat(x, rows, axis=0)
-    if n == rows:
-        return x
-    if n * per_prompt == rows:
-        return np.repeat(x, per_prompt, axis=0)
-    raise JaxdiffError(f"{what}: got {n} of them for {rows} images; pass 1, one per prompt or one per image")

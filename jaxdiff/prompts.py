@@ -48,13 +48,15 @@ class EncoderSpec:
     sdxl: bool
 
 
-def encoder_spec(pipe) -> EncoderSpec:
-    """The EncoderSpec of a Pipeline: SDXL-style when the UNet takes pooled text + time ids."""
+def encoder_spec(pipe, dtype=None) -> EncoderSpec:
+    """The EncoderSpec of a Pipeline: SDXL-style when the UNet takes pooled text + time ids.
+    `dtype`: re-make the modules at this compute dtype (training's mixed precision); None keeps them."""
     names = tuple(n for n in ENCODERS if getattr(pipe, n) is not None)
     comps = [getattr(pipe, n) for n in names]
-    sdxl = pipe.unet.config.addition_embed_type == "text_time"
-    return EncoderSpec(names=names, modules=tuple(c.module for c in comps),
-                       layer_norm_eps=tuple(float(c.config.layer_norm_eps) for c in comps), sdxl=sdxl)
+    modules = tuple(c.module if dtype is None else c.module.clone(dtype=dtype) for c in comps)
+    return EncoderSpec(names=names, modules=modules,
+                       layer_norm_eps=tuple(float(c.config.layer_norm_eps) for c in comps),
+                       sdxl=pipe.family.text_time)
 
 
 def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
@@ -143,7 +145,7 @@ def check_clip_skip(pipe, clip_skip: int | None) -> int | None:
     if clip_skip is None or clip_skip == 0:
         return None
     layers = min(getattr(pipe, n).config.num_hidden_layers for n in ENCODERS if getattr(pipe, n) is not None)
-    extra = 1 if pipe.unet.config.addition_embed_type == "text_time" else 0
+    extra = 1 if pipe.family.text_time else 0
     if not isinstance(clip_skip, int) or not 0 < clip_skip + extra < layers:
         raise JaxdiffError(f"clip_skip={clip_skip!r} must be an integer in [0, {layers - 1 - extra}] "
                            f"for this model's {layers}-layer text encoder")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxdiff.errors import SamplerError
-from jaxdiff.models.configs import _freeze
+from jaxdiff.config_parsing import freeze, parse_config
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -91,10 +91,9 @@ class SchedulerConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "scheduler_config.json") -> "SchedulerConfig":
         """Parse any diffusers scheduler class's config dict (see the module constants for the key sets)."""
-        from jaxdiff.models.configs import parse_config
 
         raw = dict(raw)
-        defaults = tuple(sorted((k, _freeze(raw.pop(k))) for k in list(raw) if k in _SAMPLER_KEYS))
+        defaults = tuple(sorted((k, freeze(raw.pop(k))) for k in list(raw) if k in _SAMPLER_KEYS))
         class_name = raw.get("_class_name")
         cfg = parse_config(cls, raw, source=source, ignored=_INERT_KEYS, only_values=_ONLY_VALUES)
         return dataclasses.replace(cfg, class_name=class_name, defaults=defaults)

@@ -7,7 +7,7 @@ inputs placed here. The rules:
 * One mesh over every device of every host, axes ("data", "fsdp"). A batch is split over both axes
   (every device holds different rows); params are replicated, or split over "fsdp" for models too
   big to replicate (training). `jax.pmap` is never used.
-* Randomness never depends on the layout: sample i draws from `fold_in(key, i)` (`per_sample_noise`),
+* Randomness never depends on the layout: sample i draws from `fold_in(key, i)` (`jaxdiff.rng.per_sample_noise`),
   so the same request gives the same images on 1 or 64 devices, with any batch padding.
 * A batch that does not divide the device count is padded by repeating its last row (real values,
   so no NaN paths) and trimmed after; padded rows carry a repeated real sample index and never
@@ -289,28 +289,6 @@ def local_rows(x: jax.Array, n: int | None = None) -> tuple[np.ndarray, np.ndarr
     indices = np.concatenate([np.arange(s, s + len(pieces[s])) for s in sorted(pieces)])
     keep = indices < n
     return np.concatenate(rows, axis=0)[keep], indices[keep]
-
-
-# ------------------------------------------------------------------------------------- randomness
-
-
-def per_sample_noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...],
-                     dtype=jnp.float32) -> jax.Array:
-    """Standard normal noise [B, *shape] where row b = normal(fold_in(key, indices[b]), shape).
-
-    A sample's noise depends only on (key, its index), never on batch size, padding, device or host
-    count: this is what makes sharded generation equal single-device generation. Step noise in the
-    samplers follows the same rule with the step folded in as well.
-
-    Args:
-        key: a PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`).
-        indices: [B] int32 sample indices within the request.
-        shape: per-sample shape, e.g. (h, w, C) for latents.
-    """
-    def one(i):
-        return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
-
-    return jax.vmap(one)(indices)
 
 
 # ------------------------------------------------------------------------------------- multi-host

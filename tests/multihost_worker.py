@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import sharding
+from jaxdiff import rng, sharding
 
 SHAPE = (4, 4, 8)  # per-sample (h, w, C)
 STEPS = 3
@@ -36,12 +36,12 @@ def toy_params(channels: int = SHAPE[-1], hidden: int = 32) -> dict[str, np.ndar
 def toy_generate(params: dict, indices: jax.Array, seed: int = 0) -> jax.Array:
     """indices [B] int32 -> "images" [B, h, w, C]; row b depends only on (seed, indices[b], params)."""
     key = jax.random.key(seed)
-    x = sharding.per_sample_noise(key, indices, SHAPE)  # [B, h, w, C]
+    x = rng.per_sample_noise(key, indices, SHAPE)  # [B, h, w, C]
     for step in range(STEPS):
         h = jnp.tanh(jnp.einsum("bhwc,cd->bhwd", x, params["w"]) + params["b"][None, None, None, :])
         x = x + 0.5 * jnp.einsum("bhwd,dc->bhwc", h, params["v"])
         # Step noise: a key per step, then the same per-sample fold_in rule.
-        x = x + 0.1 * sharding.per_sample_noise(jax.random.fold_in(key, 1000 + step), indices, SHAPE)
+        x = x + 0.1 * rng.per_sample_noise(jax.random.fold_in(key, 1000 + step), indices, SHAPE)
     # A per-row reduction, like a VAE's mid-block attention over the whole image.
     return x - jnp.mean(x, axis=(1, 2), keepdims=True)
 

@@ -1,7 +1,7 @@
 """pipe(...) end to end against diffusers' pipelines on tiny random models, plus compile counting.
 
 The same noise goes into both sides: txt2img passes jaxdiff's seeded start noise (from
-`generation.request_noise`, the public noise derivation) to diffusers as `latents=`; img2img and
+`rng.request_noise`, the public noise derivation) to diffusers as `latents=`; img2img and
 inpainting monkeypatch diffusers' `randn_tensor` (in the pipeline module for the start noise, in the
 VAE module for posterior samples) to hand back jaxdiff's noises in diffusers' call order. Images are
 compared as diffusers' float output (`output_type="np"`) and as uint8 with diffusers' conversion
@@ -24,7 +24,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
 
 import jaxdiff
-from jaxdiff import generation, sharding
+from jaxdiff import rng, sharding
 from jaxdiff.errors import CheckpointError, JaxdiffError
 from jaxdiff.pipeline import Pipeline
 from tests import tiny_pipelines
@@ -118,7 +118,7 @@ def _compare(out, want, what):
 def test_sd1_txt2img_euler_cfg_negative_prompts(models, mesh1):
     ref, pipe, _ = models["sd1"]
     ref.scheduler = _scheduler(ref, "euler")
-    noise = generation.request_noise(5, np.arange(2), (H // 2, W // 2, 4))["start"]
+    noise = rng.request_noise(5, np.arange(2), (H // 2, W // 2, 4))["start"]
     out = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=3, sampler="euler", schedule=None,
                guidance_scale=7.5, seed=5, mesh=mesh1, return_float=True)
     want = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=3, guidance_scale=7.5,
@@ -164,7 +164,7 @@ def test_sd1_dpmpp_2m_karras_rescale_clip_skip(models, mesh1, monkeypatch):
     monkeypatch.setattr(ref.text_encoder, "text_model",
                         types.SimpleNamespace(final_layer_norm=ref.text_encoder.final_layer_norm), raising=False)
     ref.scheduler = _scheduler(ref, "dpmpp_2m")
-    noise = generation.request_noise(1, np.arange(2), (H // 2, W // 2, 4))["start"]
+    noise = rng.request_noise(1, np.arange(2), (H // 2, W // 2, 4))["start"]
     out = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=4, sampler="dpmpp_2m", schedule="karras",
                guidance_scale=6.0, guidance_rescale=0.7, clip_skip=1, seed=1, mesh=mesh1, return_float=True)
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_sd1_img2img_ddim(models, mesh1, monkeypatch):
     i2i.set_progress_bar_config(disable=True)
     i2i.scheduler = _scheduler(ref, "ddim")
     image = _image(0)
-    noises = generation.request_noise(3, np.arange(2), (H // 2, W // 2, 4))
+    noises = rng.request_noise(3, np.arange(2), (H // 2, W // 2, 4))
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as mod
     left_pipe = _patch_randn(monkeypatch, mod, [noises["start"]])
@@ -216,7 +216,7 @@ def test_sd1_inpaint_4_channel_blend_euler(models, mesh1, monkeypatch):
     inp.set_progress_bar_config(disable=True)
     inp.scheduler = _scheduler(ref, "euler")
     image, mask = _image(1), _mask()
-    noises = generation.request_noise(4, np.arange(2), (H // 2, W // 2, 4))
+    noises = rng.request_noise(4, np.arange(2), (H // 2, W // 2, 4))
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as mod
     # diffusers' order: init-image posterior, start noise, masked-image posterior (unused by a 4-ch UNet)
@@ -234,7 +234,7 @@ def test_sd1_inpaint_9_channel_ddim(models, mesh1, monkeypatch):
     assert pipe.unet.config.in_channels == 9
     ref.scheduler = _scheduler(ref, "ddim")
     image, mask = _image(2), _mask()
-    noises = generation.request_noise(7, np.arange(2), (H // 2, W // 2, 4))
+    noises = rng.request_noise(7, np.arange(2), (H // 2, W // 2, 4))
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as mod
     _patch_randn(monkeypatch, mod, [noises["start"]])
@@ -251,7 +251,7 @@ def test_sd1_inpaint_9_channel_ddim(models, mesh1, monkeypatch):
 def test_sd2_v_prediction_ddim(models, mesh1):
     ref, pipe, _ = models["sd2"]
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
-    noise = generation.request_noise(2, np.arange(2), (H // 2, W // 2, 4))["start"]
+    noise = rng.request_noise(2, np.arange(2), (H // 2, W // 2, 4))["start"]
     out = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=3, sampler="ddim", schedule=None, guidance_scale=5.0,
                seed=2, mesh=mesh1, return_float=True)
     want = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=3, guidance_scale=5.0,
@@ -264,7 +264,7 @@ def test_sdxl_time_ids_zero_negative_and_negative_prompt(models, mesh1):
     zero negative embeddings (force_zeros_for_empty_prompt), a negative prompt is encoded. Same program."""
     ref, pipe, _ = models["sdxl"]
     ref.scheduler = _scheduler(ref, "euler")
-    noise = generation.request_noise(9, np.arange(2), (H // 2, W // 2, 4))["start"]
+    noise = rng.request_noise(9, np.arange(2), (H // 2, W // 2, 4))["start"]
     sizes = dict(original_size=(24, 40), crops_coords_top_left=(2, 4), target_size=(16, 16))
     for neg in (None, NEGATIVES):
         out = pipe(PROMPTS, neg, height=H, width=W, steps=3, sampler="euler", schedule=None, guidance_scale=5.0,
@@ -342,9 +342,9 @@ def test_sdxl_refiner_img2img_aesthetic_score(tmp_path, mesh1, monkeypatch):
     ref.tokenizer_2.model_max_length = 77
     ref.set_progress_bar_config(disable=True)
     pipe = jaxdiff.load(tmp_path / "refiner")
-    assert pipe.text_encoder is None and pipe._is_refiner()
+    assert pipe.text_encoder is None and pipe.family.is_refiner
     image = _image(5)
-    noises = generation.request_noise(8, np.arange(2), (H // 2, W // 2, 4))
+    noises = rng.request_noise(8, np.arange(2), (H // 2, W // 2, 4))
     _patch_randn(monkeypatch, mod, [noises["start"]])
     _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
     kw = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)

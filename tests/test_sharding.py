@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import sharding
+from jaxdiff import rng, sharding
 from jaxdiff.errors import JaxdiffError
 from tests import multihost_worker as toy
 from tests.two_processes import run_two_processes
@@ -97,7 +97,7 @@ def test_sample_rows_independent_of_batch_size(reference8):
 def test_per_sample_noise_is_fold_in_per_row():
     key = jax.random.key(3)
     idx = jnp.array([4, 0, 9], jnp.int32)
-    noise = sharding.per_sample_noise(key, idx, (2, 3))
+    noise = rng.per_sample_noise(key, idx, (2, 3))
     assert noise.shape == (3, 2, 3) and noise.dtype == jnp.float32
     for row, i in zip(noise, [4, 0, 9]):
         np.testing.assert_array_equal(row, jax.random.normal(jax.random.fold_in(key, i), (2, 3)))

@@ -134,9 +134,9 @@ def test_validation_images_are_the_exported_models_images(sd1, tmp_path):
     trainer, _, _ = cli.build(args)
     state, meta = Checkpointer(out / "checkpoints").restore(trainer, step=1)
     assert int(state.step) == 1 and meta["step"] == 1
-    cli._swap_params(final, trainer.model_params(state))
+    step1 = cli.pipeline_with_params(final, trainer.model_params(state))
     for i, p in enumerate(prompts):
-        np.testing.assert_array_equal(final(p, height=16, width=16, steps=2, seed=i).images[0], shots[(1, i)])
+        np.testing.assert_array_equal(step1(p, height=16, width=16, steps=2, seed=i).images[0], shots[(1, i)])
     # the images moved with training and differ by prompt/seed (so the equalities above say something)
     assert not np.array_equal(shots[(1, 0)], shots[(2, 0)]) and not np.array_equal(shots[(2, 0)], shots[(2, 1)])
 

@@ -9,65 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from jaxdiff.config_parsing import freeze, parse_config
 from jaxdiff.errors import ConfigError
 
-# Keys that describe the file, not the numbers.
-METADATA_KEYS = frozenset({
-    "_class_name", "_diffusers_version", "_name_or_path", "_commit_hash", "_use_default_values",
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "return_dict",
-    "output_hidden_states", "output_attentions", "use_return_dict", "_attn_implementation_autoset",
-})
-
-
-def parse_config(cls, raw: Mapping[str, Any], *, source: str, ignored: frozenset[str] = frozenset(),
-                 only_values: Mapping[str, tuple] = None, renames: Mapping[str, str] = None):
-    """Build the config dataclass `cls` from an upstream config dict.
-
-    Args:
-      cls: a frozen dataclass whose fields use the upstream key names (or `renames` maps them).
-      raw: the parsed config.json.
-      source: file path for error messages.
-      ignored: extra keys that do not affect numerics for this model.
-      only_values: upstream key -> tuple of accepted values (what jaxdiff implements); other values
-        raise ConfigError.
-      renames: upstream key -> field name.
-    """
-    only_values = only_values or {}
-    renames = renames or {}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        name = renames.get(key, key)
-        if key in only_values:
-            if _freeze(value) not in [_freeze(v) for v in only_values[key]]:
-                raise ConfigError(
-                    f"{source}: {key}={value!r} is not supported by jaxdiff "
-                    f"(supported: {', '.join(repr(v) for v in only_values[key])})")
-            if name not in fields:
-                continue
-        if name in fields:
-            kwargs[name] = _freeze(value)
-        elif key in METADATA_KEYS or key in ignored:
-            continue
-        else:
-            raise ConfigError(f"{source}: unknown config key {key!r}; jaxdiff refuses options it does "
-                              f"not implement rather than ignore them")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _freeze(value):
-    """Lists become tuples so configs stay hashable (they are static arguments to jit)."""
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
-
-
-# --- CLIP text encoder config: owned by models/clip.py's author -------------------------------------
+# --- CLIP text encoder config (models/clip.py) ---------------------------------------------------------
 
 # transformers' architectures for a CLIP text encoder -> whether it has `text_projection`.
 _CLIP_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
@@ -127,7 +72,7 @@ class CLIPTextConfig:
 
         `architectures` (metadata to parse_config) decides whether the model has `text_projection`.
         """
-        archs = _freeze(raw.get("architectures") or ("CLIPTextModel",))
+        archs = freeze(raw.get("architectures") or ("CLIPTextModel",))
         unknown = [a for a in archs if a not in _CLIP_ARCHITECTURES]
         if unknown or len(archs) != 1:
             raise ConfigError(f"{source}: architectures={list(archs)!r} is not a CLIP text encoder jaxdiff "
@@ -171,7 +116,7 @@ class CLIPTextConfig:
                 num_attention_heads=4, hidden_act="gelu"), **overrides)
 
 
-# --- UNet config: owned by models/unet.py's author ---------------------------------------------------
+# --- UNet config (models/unet.py) ---------------------------------------------------------------------
 
 _UNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -296,6 +241,17 @@ class UNetConfig:
         return _per_level(self.cross_attention_dim, self.levels, "cross_attention_dim")
 
     @property
+    def takes_text_time(self) -> bool:
+        """SDXL-style added conditioning: a pooled text embedding and sinusoid-embedded time ids."""
+        return self.addition_embed_type == "text_time"
+
+    def time_id_count(self, pooled_dim: int) -> int:
+        """How many time ids the added embedding takes, given the pooled text width (6 SDXL, 5 refiner)."""
+        if not self.takes_text_time:
+            return 0
+        return (self.projection_class_embeddings_input_dim - pooled_dim) // self.addition_time_embed_dim
+
+    @property
     def has_cross_attention_down(self) -> tuple[bool, ...]:
         return tuple(t == "CrossAttnDownBlock2D" for t in self.down_block_types)
 
@@ -385,7 +341,7 @@ class UNetConfig:
                    attention_head_dim=2, cross_attention_dim=32)
 
 
-# --- VAE config: owned by models/vae.py's author -----------------------------------------------------
+# --- VAE config (models/vae.py) -----------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -433,7 +389,7 @@ class VAEConfig:
         # Block types are strings upstream; jaxdiff implements exactly the plain encoder / decoder blocks,
         # one per level (diffusers indexes block_out_channels by block position, so counts must agree).
         for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            value = _freeze(raw.get(key, (block,)))
+            value = freeze(raw.get(key, (block,)))
             if value != (block,) * levels:
                 raise ConfigError(f"{source}: {key}={list(value)!r} is not supported by jaxdiff (supported: "
                                   f"{levels} x {block!r}, one per entry of block_out_channels)")

@@ -115,8 +115,8 @@ def build(args):
     dcfg = D.DataConfig(resolution=args.resolution, center_crop=not args.random_crop,
                         random_flip=args.random_flip, caption_dropout=args.caption_dropout,
                         caption_column=args.caption_column)
-    sdxl = pipe.unet.config.addition_embed_type == "text_time"
-    if sdxl and pipe.text_encoder is None:
+    sdxl = pipe.family.text_time
+    if pipe.family.is_refiner:
         raise ConfigError("training a refiner-style model (text_encoder_2 only, aesthetic-score time ids) "
                           "is not supported")
     tokenize = None
@@ -193,34 +193,11 @@ def _vae_moments(pipe):
 
 
 def pipeline_with_params(pipe, params):
-    """A Pipeline sharing `pipe`'s modules, tokenizers, scheduler and options, with `params` per component."""
+    """`pipe` over the trainer's params (host copies: fsdp-sharded arrays may span hosts). The result
+    shares `pipe`'s compiled generation programs, so a validation never compiles them again."""
     import jax
 
-    from jaxdiff.pipeline import Pipeline
-
-    parts = {}
-    for name, comp in pipe.components().items():
-        p = jax.device_get(params[name]) if name in params else comp.params
-        parts[name] = type(comp)(comp.module, p, comp.config)
-    return Pipeline(**parts, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
-                    scheduler_config=pipe.scheduler_config, pipeline_class=pipe.pipeline_class,
-                    options=pipe.options)
-
-
-def _swap_params(vpipe, params) -> None:
-    """Give `vpipe` (and its default-mesh generation runner) new params in place. The runner keeps its
-    compiled program: a fresh Pipeline would compile the whole generation program again at every
-    validation."""
-    import jax
-
-    from jaxdiff import sharding
-
-    for name, comp in vpipe.components().items():
-        if name in params:
-            comp.params = jax.device_get(params[name])
-    runner = vpipe.runner()
-    runner.params = sharding.shard_params({n: c.params for n, c in vpipe.components().items()},
-                                          sharding.replicated(runner.mesh))
+    return pipe.with_params({name: jax.device_get(p) for name, p in params.items()})
 
 
 def _validator(args, pipe):
@@ -228,20 +205,14 @@ def _validator(args, pipe):
     (the EMA when one is kept, as the final export): OUT/validation/<step:08d>/<i:02d>.png."""
     if not args.validation_prompt or not args.validate_every:
         return None
-    held = []  # the validation pipeline, built at the first validation
-
     def validate(trainer, state, step):
         from PIL import Image
 
-        params = trainer.model_params(state, ema=state.ema is not None)
-        if held:
-            _swap_params(held[0], params)
-        else:
-            held.append(pipeline_with_params(pipe, params))
+        vpipe = pipeline_with_params(pipe, trainer.model_params(state, ema=state.ema is not None))
         folder = Path(args.out) / "validation" / f"{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, prompt in enumerate(args.validation_prompt):
-            img = held[0](prompt, height=args.resolution, width=args.resolution, steps=args.validation_steps,
+            img = vpipe(prompt, height=args.resolution, width=args.resolution, steps=args.validation_steps,
                           seed=i).images[0]
             Image.fromarray(img).save(folder / f"{i:02d}.png")
     return validate

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff import schedules, sharding
+from jaxdiff import prompts, schedules, sharding
 from jaxdiff.errors import ConfigError
 from jaxdiff.training import loss as L
 from jaxdiff.training import optim
@@ -109,6 +109,7 @@ class Models:
     text_encoder: nn.Module | None = None
     text_encoder_2: nn.Module | None = None
     scaling_factor: float = 0.18215
+    encoders: prompts.EncoderSpec | None = None   # text conditioning rules (jaxdiff.prompts.encode)
 
     @classmethod
     def from_pipeline(cls, pipe, compute_dtype: str = "float32") -> "Models":
@@ -120,7 +121,8 @@ class Models:
         sched = schedules.SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
         return cls(unet=mods["unet"], params=params, scheduler=sched, vae=mods.get("vae"),
                    text_encoder=mods.get("text_encoder"), text_encoder_2=mods.get("text_encoder_2"),
-                   scaling_factor=float(pipe.vae.config.scaling_factor))
+                   scaling_factor=float(pipe.vae.config.scaling_factor),
+                   encoders=prompts.encoder_spec(pipe, dtype))
 
 
 def _tree_shardings(tree: Any, mesh, min_size: int) -> Any:
@@ -210,15 +212,16 @@ class Trainer:
             if "time_ids" in batch:
                 added = {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}
             return ctx, added
-        if m.text_encoder is None:
+        if m.text_encoder is None or m.encoders is None:
             raise ConfigError("batch has input_ids but the model has no text encoder")
-        out = m.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
-        if m.text_encoder_2 is None:
-            return out.last_hidden_state, None
-        # SDXL: both encoders' penultimate layers, pooled projection of the second.
-        out2 = m.text_encoder_2.apply({"params": params["text_encoder_2"]}, batch["input_ids_2"])
-        ctx = jnp.concatenate([out.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
-        return ctx, {"text_embeds": out2.text_embeds, "time_ids": batch["time_ids"]}
+        # The generation program's rules (SDXL: both encoders' penultimate layers, pooled from the second).
+        ids = {"text_encoder": batch["input_ids"]}
+        if "text_encoder_2" in m.encoders.names:
+            ids["text_encoder_2"] = batch["input_ids_2"]
+        ctx, pooled = prompts.encode(m.encoders, params, ids, None)
+        if pooled is None:
+            return ctx, None
+        return ctx, {"text_embeds": pooled, "time_ids": batch["time_ids"]}
 
     def _x0(self, params, batch, d: L.Draw) -> jax.Array:
         """Scaled clean latents z_0 [B, h, w, C] (float32)."""

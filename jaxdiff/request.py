@@ -1,0 +1,154 @@
+"""Host side of a generation: `pipe(...)`'s keyword arguments -> a validated, typed `Request`.
+
+Everything a user can get wrong is checked here, once, with a one-line JaxdiffError; what comes out is
+the program's static `Spec`, its per-image `Inputs` (numpy, batch-first), the sampler plan, the
+request key and the guidance scalars. jaxdiff.generation runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxdiff import pixels
+from jaxdiff import prompts, rng
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.generation import Inputs, Spec
+from jaxdiff.samplers.core import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One validated request (see `build`)."""
+    spec: Spec
+    inputs: Inputs
+    plan: Plan
+    key: Any                     # the root PRNG key (jaxdiff.rng.request_key)
+    guidance: np.ndarray         # float32 [2]: guidance_scale, guidance_rescale
+
+    @property
+    def rows(self) -> int:
+        return int(self.inputs.index.shape[0])
+
+
+def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+          height: int | None = None, width: int | None = None, steps: int = 25,
+          sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance_scale: float = 7.5,
+          guidance_rescale: float = 0.0, clip_skip: int | None = None, seed: int = 0,
+          num_images_per_prompt: int = 1, latents=None, image=None, strength: float | None = None,
+          mask=None, indices: Sequence[int] | None = None,
+          original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+          target_size: tuple[int, int] | None = None,
+          negative_original_size: tuple[int, int] | None = None,
+          negative_crops_coords_top_left: tuple[int, int] | None = None,
+          negative_target_size: tuple[int, int] | None = None,
+          aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+          sampler_options: Mapping[str, Any] | None = None, return_float: bool = False) -> Request:
+    """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`)."""
+    family = pipe.family
+    ids, neg_ids, n_prompts = prompts.tokenize_request(pipe, prompt, negative_prompt, num_images_per_prompt)
+    rows = n_prompts * num_images_per_prompt
+    clip_skip = prompts.check_clip_skip(pipe, clip_skip)
+    f, c = family.vae_factor, family.latent_channels
+
+    image_rows = mask_rows = None
+    if image is not None:
+        image_rows = pixels.per_row(pixels.rgb(pixels.as_images(image, "image")), rows,
+                                      num_images_per_prompt, "image")
+        size = image_rows.shape[1:3]
+        if (height, width) not in ((None, None), tuple(size)):
+            raise JaxdiffError(f"image is {size[0]}x{size[1]} but height, width = {height}, {width}; "
+                               f"resize the image or leave height and width unset")
+        height, width = size
+    elif mask is not None:
+        raise JaxdiffError("mask needs an init image (image=)")
+    height, width = height or family.default_size[0], width or family.default_size[1]
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8 or v % f:
+            raise JaxdiffError(f"{name}={v!r} must be a positive multiple of 8 (and of the VAE factor {f})")
+    h, w = height // f, width // f
+
+    if mask is not None:
+        mask_rows = pixels.per_row(pixels.as_mask(mask), rows, num_images_per_prompt, "mask")
+        if mask_rows.shape[1:3] != (height, width):
+            raise JaxdiffError(f"mask is {mask_rows.shape[1]}x{mask_rows.shape[2]} but the image is "
+                               f"{height}x{width}")
+    mode = _mode(family, image_rows is not None, mask_rows is not None)
+    if strength is None:
+        strength = 0.75 if mode == "img2img" else 1.0
+    elif mode == "txt2img":
+        raise JaxdiffError("strength applies only with an init image (image=)")
+
+    from jaxdiff.samplers import make_plan
+    from jaxdiff.schedules import SchedulerConfig
+    sched = SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
+    plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength, **dict(sampler_options or {}))
+
+    guided = float(guidance_scale) > 1.0
+    if not 0.0 <= float(guidance_rescale) <= 1.0:
+        raise JaxdiffError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
+    zero_negative = family.text_time and negative_prompt is None and bool(
+        pipe.options.get("force_zeros_for_empty_prompt", family.zero_negative_default))
+    if guided and neg_ids is None and not zero_negative:
+        neg_ids = prompts.empty_ids(pipe, rows)
+
+    idx = np.arange(rows) if indices is None else np.asarray(indices)
+    if idx.shape != (rows,) or not np.issubdtype(idx.dtype, np.integer) or (idx < 0).any():
+        raise JaxdiffError(f"indices must be {rows} non-negative integers (one per image), got {indices!r}")
+    time_ids = neg_time_ids = None
+    if family.text_time:
+        pos, neg = time_id_rows(family, height, width, original_size, crops_coords_top_left, target_size,
+                                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                                aesthetic_score, negative_aesthetic_score)
+        time_ids = np.tile(pos[None], (rows, 1))
+        neg_time_ids = np.tile(neg[None], (rows, 1)) if guided else None
+    if latents is not None:
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != (rows, h, w, c):
+            raise JaxdiffError(f"latents must be [B, h, w, C] = {(rows, h, w, c)} (NHWC), got {latents.shape}")
+    inputs = Inputs(index=idx.astype(np.int32), ids=ids,
+                    neg_ids=neg_ids if guided and not zero_negative else None,
+                    time_ids=time_ids, neg_time_ids=neg_time_ids, latents=latents,
+                    # [-1, 1], as diffusers' VaeImageProcessor.normalize
+                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows)
+    spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
+                zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
+                from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
+                return_float=return_float, latent_size=(h, w))
+    return Request(spec=spec, inputs=inputs, plan=plan, key=rng.request_key(seed),
+                   guidance=np.array([guidance_scale, guidance_rescale], np.float32))
+
+
+def _mode(family, has_image: bool, has_mask: bool) -> str:
+    """txt2img, img2img, inpaint (dedicated inpainting UNet) or inpaint_blend (plain UNet)."""
+    if not has_image:
+        if family.concat_channels:
+            raise JaxdiffError(f"this is an inpainting model ({family.unet_in_channels}-channel UNet): "
+                               f"pass image= and mask=")
+        return "txt2img"
+    if not has_mask:
+        return "img2img"
+    if family.inpaint:
+        return "inpaint"
+    if family.concat_channels == 0:
+        return "inpaint_blend"
+    c = family.latent_channels
+    raise JaxdiffError(f"inpainting needs a UNet with {c} or {2 * c + 1} input channels, this one has "
+                       f"{family.unet_in_channels}")
+
+
+def time_id_rows(family, height, width, original_size, crops, target_size, neg_original, neg_crops,
+                 neg_target, aesthetic, neg_aesthetic) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL micro-conditioning (diffusers' _get_add_time_ids): float32 [n] positive and negative."""
+    original = tuple(original_size or (height, width))
+    target = tuple(target_size or (height, width))
+    crops = tuple(crops)
+    neg_original = tuple(neg_original or original)
+    neg_crops = tuple(neg_crops or crops)
+    neg_target = tuple(neg_target or target)
+    if family.is_refiner:
+        pos, neg = original + crops + (aesthetic,), neg_original + neg_crops + (neg_aesthetic,)
+    else:
+        pos, neg = original + crops + target, neg_original + neg_crops + neg_target
+    return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
