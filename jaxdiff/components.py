@@ -59,9 +59,13 @@ class Component:
 
 
 class UNet(Component):
-    def __call__(self, x, t, context, added_cond=None):
-        """x [B, h, w, C] NHWC, t [B] or [] timesteps, context [B, L, D] -> [B, h, w, C_out]."""
-        return self.apply(x, jnp.asarray(t), context, added_cond)
+    def __call__(self, x, t, context, added_cond=None, *, down_residuals=None, mid_residual=None):
+        """x [B, h, w, C] NHWC, t [B] or [] timesteps, context [B, L, D] -> [B, h, w, C_out].
+        `down_residuals` / `mid_residual`: ControlNet residuals (see UNet2DConditionModel)."""
+        if down_residuals is None and mid_residual is None:
+            return self.apply(x, jnp.asarray(t), context, added_cond)
+        return self._apply({"params": self.params}, x, jnp.asarray(t), context, added_cond,
+                           down_residuals=down_residuals, mid_residual=mid_residual)
 
 
 class VAE(Component):

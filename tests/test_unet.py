@@ -231,3 +231,46 @@ def test_remat_keeps_param_paths_and_differentiates():
     loss = lambda p: jnp.sum(model.apply({"params": p}, sample, t, context, added) ** 2)
     grads = jax.eval_shape(jax.grad(loss), shapes)
     assert jax.tree_util.tree_map(lambda g: g.shape, grads) == jax.tree_util.tree_map(lambda s: s.shape, shapes)
+
+
+def test_controlnet_residuals_parity_with_diffusers(tmp_path):
+    """down_residuals / mid_residual land where diffusers adds down_block_additional_residuals and
+    mid_block_additional_residual (the seam ControlNet plugs into)."""
+    kwargs, (h, w), _, _ = CASES["sd1"]
+    torch.manual_seed(0)
+    ref = _perturb(diffusers.UNet2DConditionModel(**kwargs))
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    config = UNetConfig.from_dict(json.loads((tmp_path / "config.json").read_text()), str(tmp_path))
+    model = UNet2DConditionModel(config)
+    b, rng = 2, np.random.default_rng(1)
+    # diffusers' down_block_res_samples: conv_in's output, then each resnet's and downsampler's output.
+    shapes, (hh, ww) = [(b, config.block_out_channels[0], h, w)], (h, w)
+    for i, c in enumerate(config.block_out_channels):
+        shapes += [(b, c, hh, ww)] * config.layers_per_level[i]
+        if i < config.levels - 1:
+            hh, ww = (hh + 1) // 2, (ww + 1) // 2
+            shapes.append((b, c, hh, ww))
+    down = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    mid = rng.standard_normal((b, config.block_out_channels[-1], hh, ww)).astype(np.float32)
+    sample = rng.standard_normal((b, 4, h, w)).astype(np.float32)
+    context = rng.standard_normal((b, 7, config.cross_attention_dims[0])).astype(np.float32)
+    t = np.array([3, 801])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(sample), torch.as_tensor(t), torch.from_numpy(context),
+                   down_block_additional_residuals=tuple(torch.from_numpy(d) for d in down),
+                   mid_block_additional_residual=torch.from_numpy(mid)).sample.numpy().transpose(0, 2, 3, 1)
+        plain = ref(torch.from_numpy(sample), torch.as_tensor(t),
+                    torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+    args = (nhwc(sample), jnp.asarray(t), jnp.asarray(context))
+    params = convert_state_dict(read_tensors(tmp_path / "diffusion_pytorch_model.safetensors"),
+                                jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"],
+                                source=str(tmp_path))
+    apply = jax.jit(lambda p, d, m: model.apply({"params": p}, *args, down_residuals=d, mid_residual=m))
+    got = np.asarray(apply(params, [nhwc(d) for d in down], nhwc(mid)))
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(want - plain))) > 0.1 * scale  # the residuals change the output
+    assert float(np.max(np.abs(got - want))) <= 1e-4 * scale
+    with pytest.raises(ValueError, match="down_residuals has 2 arrays"):
+        model.apply({"params": params}, *args, down_residuals=[nhwc(d) for d in down[:2]])

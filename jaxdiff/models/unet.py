@@ -13,7 +13,7 @@ Data flow (channels c_i = block_out_channels[i], n levels):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -108,8 +108,11 @@ class MidBlock(_BlockArgs):
         return self._resnet("resnets_1", ch, c.mid_block_scale_factor)(x, temb)
 
 
-class UNet2DConditionModel(nn.Module):
-    """The conditional UNet. Pure: `apply({"params": p}, sample, timesteps, context, added_cond)`.
+class UNetTrunk(nn.Module):
+    """The UNet's first half, shared with ControlNet: time (+ class / text_time) embedding, conv_in, the
+    down blocks and the mid block, with diffusers' module names (`time_embedding`, `add_embedding`,
+    `conv_in`, `down_blocks_i`, `mid_block`), so a ControlNet made with diffusers' `from_unet` converts
+    by the same naming rule. Subclasses call these methods from their `@nn.compact __call__`.
 
     Attributes:
       config: the architecture (UNetConfig).
@@ -125,77 +128,60 @@ class UNet2DConditionModel(nn.Module):
     attention_implementation: str = "auto"
     remat: bool = False
 
-    @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 added_cond: Optional[Mapping[str, jax.Array]] = None) -> jax.Array:
-        """Predict noise (or v, per the checkpoint) for a batch of latents.
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        Args:
-          sample: [B, h, w, in_channels] latents (inpainting: latents ++ mask ++ masked-image latents).
-          timesteps: [B] or [] int or float timesteps (a scalar or [1] is used for the whole batch).
-          encoder_hidden_states: [B, L, cross_attention_dim] text context.
-          added_cond: SDXL: {"text_embeds": [B, 1280] pooled text, "time_ids": [B, 6] (refiner [B, 5])};
-            class-conditioned configs: {"class_labels": [B] ints or [B, D] vectors}. None otherwise.
+    def _blocks(self) -> dict:
+        return dict(config=self.config, attention_implementation=self.attention_implementation, **self._kw())
 
-        Returns:
-          [B, h, w, out_channels] float32.
-        """
+    def _block_classes(self):
+        # nn.remat keeps module names (and so param paths); upsample_size (arg 5 counting self) is static.
+        if self.remat:
+            return nn.remat(DownBlock), nn.remat(MidBlock), nn.remat(UpBlock, static_argnums=(5,))
+        return DownBlock, MidBlock, UpBlock
+
+    def embed(self, timesteps: jax.Array, added_cond: Mapping[str, jax.Array], b: int) -> jax.Array:
+        """Timesteps [B] or [] (+ class labels / SDXL text_time) -> emb [B, time_embed_dim]."""
         c = self.config
-        added_cond = dict(added_cond or {})
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        blocks = dict(config=c, attention_implementation=self.attention_implementation, **kw)
-        b = sample.shape[0]
-        if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
-            raise ValueError(f"sample must be [B, h, w, {c.in_channels}] (NHWC), got {sample.shape}")
-
-        # --- embeddings: [B, time_embed_dim] ---
         timesteps = jnp.asarray(timesteps)
         if timesteps.ndim == 0 or timesteps.shape == (1,):
             timesteps = jnp.broadcast_to(timesteps.reshape(()), (b,))
         t_emb = get_timestep_embedding(timesteps, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                        downscale_freq_shift=c.freq_shift).astype(self.dtype)
-        emb = TimestepEmbedding(c.time_embed_dim, name="time_embedding", **kw)(t_emb)
+        emb = TimestepEmbedding(c.time_embed_dim, name="time_embedding", **self._kw())(t_emb)
         class_emb = self._class_embedding(added_cond.get("class_labels"), b)
         if class_emb is not None:
             emb = emb + class_emb.astype(emb.dtype)
-        if c.addition_embed_type == "text_time":
+        if c.takes_text_time:
             emb = emb + self._text_time_embedding(added_cond, b).astype(emb.dtype)
+        return emb
 
-        context = encoder_hidden_states.astype(self.dtype)
-        x = sample.astype(self.dtype)
+    def conv_in(self, x: jax.Array) -> jax.Array:
+        """[B, h, w, in_channels] -> [B, h, w, c_0]."""
+        c = self.config
         if c.center_input_sample:
             x = 2 * x - 1
-        x = conv2d(c.block_out_channels[0], 3, "conv_in", **kw)(x)
+        return conv2d(c.block_out_channels[0], 3, "conv_in", **self._kw())(x)
 
-        # nn.remat keeps module names (and so param paths); upsample_size (arg 5 counting self) is static.
-        down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
-        if self.remat:
-            down_cls, mid_cls, up_cls = nn.remat(DownBlock), nn.remat(MidBlock), nn.remat(UpBlock, static_argnums=(5,))
-
-        # --- down ---
+    def down(self, x: jax.Array, emb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """conv_in's output through the down blocks -> (x, skips): skips[0] is conv_in's output, then one
+        per resnet and downsampler (diffusers' down_block_res_samples, in the same order)."""
+        c = self.config
+        down_cls = self._block_classes()[0]
         skips = [x]
         for i in range(c.levels):
             x, res = down_cls(level=i, cross_attention=c.has_cross_attention_down[i],
-                               add_downsample=i < c.levels - 1, name=f"down_blocks_{i}", **blocks)(x, emb, context)
+                              add_downsample=i < c.levels - 1, name=f"down_blocks_{i}",
+                              **self._blocks())(x, emb, context)
             skips.extend(res)
+        return x, skips
 
-        if c.mid_block_type is not None:
-            x = mid_cls(level=c.levels - 1, name="mid_block", **blocks)(x, emb, context)
-
-        # --- up: block i mirrors down level n-1-i ---
-        for i in range(c.levels):
-            level = c.levels - 1 - i
-            n = c.layers_per_level[level] + 1
-            res, skips = skips[-n:], skips[:-n]
-            # Upsample to the next skip's size: x2 normally, and exactly diffusers' `upsample_size`
-            # when h or w is not a multiple of 2 ** (levels - 1).
-            size = tuple(skips[-1].shape[1:3]) if i < c.levels - 1 else None
-            x = up_cls(level=level, cross_attention=c.has_cross_attention_up[i], add_upsample=i < c.levels - 1,
-                        name=f"up_blocks_{i}", **blocks)(x, res, emb, context, size)
-
-        x = GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(x)
-        x = conv2d(c.out_channels, 3, "conv_out", **kw)(nn.silu(x))
-        return x.astype(jnp.float32)
+    def mid(self, x: jax.Array, emb: jax.Array, context: jax.Array) -> jax.Array:
+        """The mid block (identity when the config has none)."""
+        c = self.config
+        if c.mid_block_type is None:
+            return x
+        return self._block_classes()[1](level=c.levels - 1, name="mid_block", **self._blocks())(x, emb, context)
 
     def _class_embedding(self, labels: Optional[jax.Array], b: int) -> Optional[jax.Array]:
         """diffusers' get_class_embed: [B] labels (or [B, D] vectors) -> [B, time_embed_dim], or None."""
@@ -241,6 +227,65 @@ class UNet2DConditionModel(nn.Module):
                                  param_dtype=self.param_dtype)(add)
 
 
+class UNet2DConditionModel(UNetTrunk):
+    """The conditional UNet. Pure: `apply({"params": p}, sample, timesteps, context, added_cond)`;
+    fields as `UNetTrunk`'s."""
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                 added_cond: Optional[Mapping[str, jax.Array]] = None, *,
+                 down_residuals: Optional[Sequence[jax.Array]] = None,
+                 mid_residual: Optional[jax.Array] = None) -> jax.Array:
+        """Predict noise (or v, per the checkpoint) for a batch of latents.
+
+        Args:
+          sample: [B, h, w, in_channels] latents (inpainting: latents ++ mask ++ masked-image latents).
+          timesteps: [B] or [] int or float timesteps (a scalar or [1] is used for the whole batch).
+          encoder_hidden_states: [B, L, cross_attention_dim] text context.
+          added_cond: SDXL: {"text_embeds": [B, 1280] pooled text, "time_ids": [B, 6] (refiner [B, 5])};
+            class-conditioned configs: {"class_labels": [B] ints or [B, D] vectors}. None otherwise.
+          down_residuals: ControlNet residuals added to the down blocks' skip outputs, one per skip
+            (conv_in's output first; shapes as `down`'s skips) -- diffusers' down_block_additional_residuals.
+          mid_residual: added to the mid block's output -- diffusers' mid_block_additional_residual.
+
+        Returns:
+          [B, h, w, out_channels] float32.
+        """
+        c = self.config
+        added_cond = dict(added_cond or {})
+        b = sample.shape[0]
+        if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
+            raise ValueError(f"sample must be [B, h, w, {c.in_channels}] (NHWC), got {sample.shape}")
+
+        emb = self.embed(timesteps, added_cond, b)
+        context = encoder_hidden_states.astype(self.dtype)
+        x, skips = self.down(self.conv_in(sample.astype(self.dtype)), emb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} arrays; this UNet has {len(skips)} "
+                                 f"down outputs")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+        x = self.mid(x, emb, context)
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
+
+        # --- up: block i mirrors down level n-1-i ---
+        up_cls = self._block_classes()[2]
+        for i in range(c.levels):
+            level = c.levels - 1 - i
+            n = c.layers_per_level[level] + 1
+            res, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size: x2 normally, and exactly diffusers' `upsample_size`
+            # when h or w is not a multiple of 2 ** (levels - 1).
+            size = tuple(skips[-1].shape[1:3]) if i < c.levels - 1 else None
+            x = up_cls(level=level, cross_attention=c.has_cross_attention_up[i], add_upsample=i < c.levels - 1,
+                       name=f"up_blocks_{i}", **self._blocks())(x, res, emb, context, size)
+
+        x = GroupNorm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **self._kw())(x)
+        x = conv2d(c.out_channels, 3, "conv_out", **self._kw())(nn.silu(x))
+        return x.astype(jnp.float32)
+
+
 def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] = None,
                    width: Optional[int] = None, seq_len: int = 77, text_embeds_dim: Optional[int] = None):
     """Zero inputs of the right shapes for `init` / `jax.eval_shape`: (sample, t, context, added_cond).
@@ -257,7 +302,7 @@ def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] 
     t = jnp.zeros((batch,), jnp.int32)
     context = jnp.zeros((batch, seq_len, c.cross_attention_dims[0]), jnp.float32)
     added = {}
-    if c.addition_embed_type == "text_time":
+    if c.takes_text_time:
         total, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
         if text_embeds_dim is None:
             fits = total > 1280 and (total - 1280) % per_id == 0
