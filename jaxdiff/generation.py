@@ -249,7 +249,8 @@ class Runner:
         self._placed = (self._placed + [(ident, dict(params), placed)])[-_PLACED_KEEP:]
         return placed
 
-    def _arguments(self, params, inputs: Inputs, plan: Plan, key, guidance) -> tuple[tuple, int]:
+    def arguments(self, params, inputs: Inputs, plan: Plan, key, guidance) -> tuple[tuple, int]:
+        """(the one program's arguments after `spec`, placed on the mesh; the real row count)."""
         padded, n = sharding.pad_batch(inputs, self.mesh.size)
         placed = sharding.to_global(padded, sharding.batch_sharding(self.mesh, 1))
         rep = sharding.to_global((plan, np.asarray(key), np.asarray(guidance, np.float32)),
@@ -259,7 +260,7 @@ class Runner:
     def lower(self, spec: Spec, params, inputs: Inputs, plan: Plan, key, guidance) -> jax.stages.Lowered:
         """The one-program path lowered for these arguments (JAX AOT): `.compile()` it to time the
         compile, read XLA's cost and memory analysis, or call the executable directly."""
-        args, _ = self._arguments(params, inputs, plan, key, guidance)
+        args, _ = self.arguments(params, inputs, plan, key, guidance)
         return self._program.lower(spec, *args)
 
     def __call__(self, spec: Spec, params, inputs: Inputs, plan: Plan, key, guidance,
@@ -270,7 +271,7 @@ class Runner:
         prepare / K single evaluations / decode (same numbers per evaluation, one host sync per step);
         without it, as one program.
         """
-        (params_p, placed, plan_r, key_r, guidance_r), n = self._arguments(params, inputs, plan, key, guidance)
+        (params_p, placed, plan_r, key_r, guidance_r), n = self.arguments(params, inputs, plan, key, guidance)
         if on_step is None:
             return self._program(spec, params_p, placed, plan_r, key_r, guidance_r), n
         prep, carry = self._prepare(spec, params_p, placed, plan_r, key_r)

@@ -17,3 +17,30 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # within every stated tolerance (each parity test compares against PyTorch, not against an optimised
 # jaxdiff); the benchmark and the CLI run the library's default, fully optimised configuration.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The session's tiny pipelines, each built once, on first use, and shared by every test module:
+    `tiny_pipeline("sd1")` -> (diffusers pipeline, jaxdiff pipeline, folder). Names are the builders
+    of tests/tiny_pipelines.py (sd1, sd2, sdxl, sd1_inpaint, sdxl_refiner). Tests must not change the
+    weights of either; diffusers' scheduler may be another test's, so set the one a test needs."""
+    import jaxdiff
+    from tests import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("tiny")
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            ref = getattr(tiny_pipelines, name)(root / name)
+            for tok in ("tokenizer", "tokenizer_2"):  # the test tokenizers carry no model_max_length
+                if getattr(ref, tok, None) is not None:
+                    getattr(ref, tok).model_max_length = 77
+            ref.set_progress_bar_config(disable=True)
+            built[name] = (ref, jaxdiff.load(root / name), root / name)
+        return built[name]
+    return get

@@ -219,14 +219,12 @@ GEN = ["--height", 32, "--width", 32, "--steps", 2, "--batch", 2, "--sampler", "
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model folder, subprocess env): a tiny SD1 written by diffusers, one CPU device, a shared cache."""
-    from tests import tiny_pipelines
+def tiny(tmp_path_factory, tiny_pipeline):
+    """(model folder, subprocess env): the session's tiny SD1, one CPU device, a shared cache."""
     root = tmp_path_factory.mktemp("cli")
-    tiny_pipelines.sd1(root / "sd1")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXDIFF_CACHE=str(root / "xla"))
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    return root / "sd1", env
+    return tiny_pipeline("sd1")[2], env
 
 
 @pytest.fixture(scope="module")

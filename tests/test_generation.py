@@ -58,19 +58,9 @@ def mesh1():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """name -> (diffusers pipeline, jaxdiff pipeline, folder)."""
-    root = tmp_path_factory.mktemp("gen")
-    out = {}
-    for name, build in (("sd1", tiny_pipelines.sd1), ("sd1_inpaint", tiny_pipelines.sd1_inpaint),
-                        ("sd2", tiny_pipelines.sd2), ("sdxl", tiny_pipelines.sdxl)):
-        ref = build(root / name)
-        for tok in ("tokenizer", "tokenizer_2"):  # the test tokenizers carry no model_max_length
-            if getattr(ref, tok, None) is not None:
-                getattr(ref, tok).model_max_length = 77
-        ref.set_progress_bar_config(disable=True)
-        out[name] = (ref, jaxdiff.load(root / name), root / name)
-    return out
+def models(tiny_pipeline):
+    """name -> (diffusers pipeline, jaxdiff pipeline, folder), from the session's shared tiny pipelines."""
+    return {name: tiny_pipeline(name) for name in ("sd1", "sd1_inpaint", "sd2", "sdxl")}
 
 
 def _nchw(x):

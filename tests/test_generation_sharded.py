@@ -15,7 +15,7 @@ import pytest
 
 import jaxdiff
 from jaxdiff import sharding
-from tests import generation_worker, tiny_pipelines
+from tests import generation_worker
 from tests.two_processes import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +32,9 @@ def fast_compiles():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sharded") / "sd1"
-    tiny_pipelines.sd1(folder)
-    return jaxdiff.load(folder), folder
+def model(tiny_pipeline):
+    _, pipe, folder = tiny_pipeline("sd1")
+    return pipe, folder
 
 
 @pytest.fixture(scope="module")

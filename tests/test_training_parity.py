@@ -3,6 +3,8 @@ timesteps and noise (float32, matmul precision highest): loss, per-tensor gradie
 update. Also: a tiny model overfits 8 latents."""
 import jax
 import jax.numpy as jnp
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,16 +15,14 @@ from convert.diffusers_layout import convert_state_dict, flatten
 from jaxdiff.training import loss as L
 from jaxdiff.training.optim import OptimConfig
 from jaxdiff.training.trainer import Models, TrainConfig, Trainer
-from tests import tiny_pipelines
 
 B, CTX_LEN = 8, 8
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd1")
-    ref = tiny_pipelines.sd1(folder)
-    return ref, jaxdiff.load(folder)
+def sd(tiny_pipeline):
+    ref, pipe, _ = tiny_pipeline("sd1")
+    return ref, pipe
 
 
 def _leaf(tree, torch_key):
@@ -61,7 +61,7 @@ def test_one_step_parity_then_overfit(sd):
     new_state, metrics = trainer.step(state, batch)
 
     # --- PyTorch: diffusers' train_text_to_image.py inner loop on the same numbers ---
-    unet = ref_pipe.unet.train()
+    unet = copy.deepcopy(ref_pipe.unet).train()  # the session's shared pipeline keeps its weights
     sched = DDPMScheduler.from_config(ref_pipe.scheduler.config)
     nchw = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))  # noqa: E731
     lat, noise, t = nchw(latents), nchw(d.noise), torch.from_numpy(np.asarray(d.t).astype(np.int64))
