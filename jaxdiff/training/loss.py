@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import prediction, schedules
 from jaxdiff.errors import ConfigError
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier", "range")
 
 
@@ -60,8 +59,8 @@ class LossConfig:
     timestep_bias_end: int = 1000
 
     def __post_init__(self):
-        if self.prediction_type not in (None, *PREDICTION_TYPES):
-            raise ConfigError(f"prediction_type={self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        if self.prediction_type not in (None, *prediction.TRAINABLE):
+            raise ConfigError(f"prediction_type={self.prediction_type!r}: expected one of {prediction.TRAINABLE}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"snr_gamma must be > 0, got {self.snr_gamma}")
         if self.timestep_bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
@@ -134,9 +133,14 @@ def add_noise(tables: NoiseTables, x0: jax.Array, noise: jax.Array, t: jax.Array
 
 def velocity(tables: NoiseTables, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """The v target (Salimans & Ho 2022): sqrt(ab) noise - sqrt(1 - ab) x0, [B, h, w, C]."""
+    return target(tables, "v_prediction", x0, noise, t)
+
+
+def target(tables: NoiseTables, prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """What a model of `prediction_type` should output at q(z_t | x0) with `noise` (jaxdiff.prediction)."""
     a = _per_row(tables.sqrt_alphas_cumprod, t, x0.ndim).astype(x0.dtype)
     s = _per_row(tables.sqrt_one_minus_alphas_cumprod, t, x0.ndim).astype(x0.dtype)
-    return a * noise - s * x0
+    return prediction.target(prediction_type, x0, noise, a, s)
 
 
 def snr(tables: NoiseTables, t: jax.Array) -> jax.Array:
@@ -200,11 +204,8 @@ def draw(key: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...], cfg: Lo
 def per_sample_loss(pred: jax.Array, x0: jax.Array, d: Draw, tables: NoiseTables, cfg: LossConfig,
                     prediction_type: str) -> jax.Array:
     """Weighted MSE per sample [B] (float32) of a prediction made at `noisy_input(...)`."""
-    if prediction_type == "epsilon":
-        target = d.noise
-    else:
-        target = velocity(tables, x0, d.noise, d.t)
-    err = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+    want = target(tables, prediction_type, x0, d.noise, d.t)
+    err = (pred.astype(jnp.float32) - want.astype(jnp.float32)) ** 2
     loss = jnp.mean(err, axis=tuple(range(1, err.ndim)))
     if cfg.snr_gamma is not None:
         loss = loss * min_snr_weights(snr(tables, d.t), cfg.snr_gamma, prediction_type)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff import prompts, schedules, sharding
+from jaxdiff import prediction, prompts, schedules, sharding
 from jaxdiff.errors import ConfigError
 from jaxdiff.training import loss as L
 from jaxdiff.training import optim
@@ -138,7 +138,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else sharding.make_mesh(fsdp=config.fsdp)
         self.adapter = adapter
         self.prediction_type = config.loss.prediction_type or models.scheduler.prediction_type
-        if self.prediction_type not in L.PREDICTION_TYPES:
+        if self.prediction_type not in prediction.TRAINABLE:
             raise ConfigError(f"cannot train a {self.prediction_type!r}-prediction model")
         micro = config.batch_size // config.accumulation
         if micro % self.mesh.size:
