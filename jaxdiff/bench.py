@@ -53,7 +53,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-PRESETS = ("tiny", "sd15", "sd21", "sdxl")
+from jaxdiff.models.presets import PRESETS, build_pipeline, preset_configs  # noqa: F401 (bench's --model)
+
 WHATS = ("unet", "vae_decode", "vae_encode", "text_encode", "pipeline")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -97,75 +98,6 @@ def peak_tflops(device) -> float | None:
         return None
     kind = str(device.device_kind)
     return next((peak for name, peak in PEAK_TFLOPS if name.lower() in kind.lower()), None)
-
-
-def random_params(shapes, seed: int = 0, dtype=np.float32) -> dict:
-    """Host-side random params for a `param_shapes` tree (no jit: compiling a random init of 860M params
-    costs minutes on a CPU). Kernels N(0, 1/fan_in) keep activations O(1) through deep stacks (values do
-    not change speed, but infs/denormals would), embeddings N(0, 0.02), norm scales 1, biases 0."""
-    import jax
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = getattr(path[-1], "key", str(path[-1]))
-        shape = tuple(leaf.shape)
-        if name == "kernel":
-            a = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(np.prod(shape[:-1])))
-        elif name == "embedding":
-            a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-        elif name == "scale":
-            a = np.ones(shape, np.float32)
-        else:
-            a = np.zeros(shape, np.float32)
-        return a.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def preset_configs(name: str) -> dict[str, Any]:
-    """Component name -> config for a preset (random weights; speed does not depend on the values)."""
-    from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
-    if name == "tiny":
-        return {"text_encoder": CLIPTextConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
-    if name == "sd15":
-        return {"text_encoder": CLIPTextConfig.clip_l(), "unet": UNetConfig.sd15(), "vae": VAEConfig.sd()}
-    if name == "sd21":
-        return {"text_encoder": CLIPTextConfig.openclip_h(), "unet": UNetConfig.sd21(), "vae": VAEConfig.sd()}
-    if name == "sdxl":
-        return {"text_encoder": CLIPTextConfig.clip_l(), "text_encoder_2": CLIPTextConfig.openclip_bigg(),
-                "unet": UNetConfig.sdxl(), "vae": VAEConfig.sdxl()}
-    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-
-
-def build_pipeline(model: str, *, dtype: str = "float32", attention: str = "auto", seed: int = 0,
-                   params: dict[str, Any] | None = None):
-    """A Pipeline for a preset name (random weights, or `params` given per component) or a model path.
-
-    `attention` is set on the modules that take it (UNet, VAE); the CLIP encoders use their own causal
-    kernel. Params are stored in `dtype` (param dtype = compute dtype, as `jaxdiff.load(dtype=)`).
-    """
-    import jax.numpy as jnp
-    from jaxdiff import components
-    from jaxdiff.pipeline import Pipeline
-    jdtype = jnp.dtype(dtype)
-    if model in PRESETS:
-        kinds = {"unet": components.UNET, "vae": components.VAE_KIND,
-                 "text_encoder": components.CLIP, "text_encoder_2": components.CLIP}
-        nets = {}
-        for i, (name, cfg) in enumerate(preset_configs(model).items()):
-            kind = kinds[name]
-            p = params[name] if params is not None else random_params(kind.param_shapes(cfg), seed + i)
-            p = components.cast_params(p, jdtype)
-            nets[name] = kind.component(cfg, p, jdtype)
-        pipe = Pipeline.from_parts(nets, {}, None, source=f"preset {model}")
-    else:
-        from jaxdiff.loading import load
-        pipe = load(model, dtype=dtype)
-    for name in ("unet", "vae"):
-        c = getattr(pipe, name)
-        if getattr(c.module, "attention_implementation", attention) != attention:
-            setattr(pipe, name, type(c)(c.module.clone(attention_implementation=attention), c.params, c.config))
-    return pipe
 
 
 # ------------------------------------------------------------------------------------------ programs

@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 from jaxdiff.components import NATIVE_KINDS  # noqa: E402
 from jaxdiff.demo import detector, shapes  # noqa: E402
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
+from jaxdiff.models.presets import host_init  # noqa: E402
 from jaxdiff.pipeline import Pipeline  # noqa: E402
 from jaxdiff.schedules import SchedulerConfig  # noqa: E402
 from jaxdiff.tokenizer import Tokenizer  # noqa: E402
@@ -144,33 +145,6 @@ def model_configs(quick: bool = False) -> tuple[CLIPTextConfig, UNetConfig, VAEC
     vae = VAEConfig(block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=LATENT_CHANNELS,
                     norm_num_groups=1, mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False)
     return clip, unet, vae
-
-
-def host_init(shapes_tree, seed: int, *, zero: tuple[str, ...] = ()) -> dict:
-    """Random float32 params on the host, without tracing the model.
-
-    Kernels N(0, 1 / fan_in) (Flax's lecun_normal up to truncation), biases 0, norm scales 1, token
-    embeddings N(0, 0.02) and position embeddings N(0, 0.01) (CLIP's init). Leaves under a top-level
-    module named in `zero` start at 0 (the UNet's conv_out: the first predictions are 0, not noise).
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        keys = [p.key for p in path]
-        name = keys[-1]
-        if keys[0] in zero:
-            value = np.zeros(leaf.shape)
-        elif name == "kernel":
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "embedding":
-            value = rng.standard_normal(leaf.shape) * (0.01 if "position" in "/".join(keys) else 0.02)
-        elif name == "scale":
-            value = np.ones(leaf.shape)
-        else:
-            value = np.zeros(leaf.shape)
-        return np.asarray(value, np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes_tree)
 
 
 def _flat(tree, prefix=()) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import bench, cli
+from jaxdiff.models import presets
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_compare_torch_runs_the_same_weights_on_both_sides():
     import torch
     ct = _compare_torch()
     nets = ct.torch_models("tiny", "float32")
-    pipe = bench.build_pipeline("tiny", params=ct.convert_params(nets, bench.preset_configs("tiny")))
+    pipe = presets.build_pipeline("tiny", params=ct.convert_params(nets, presets.preset_configs("tiny")))
     case = bench.Case(what="text_encode", batch=2, height=32, width=32)
     inputs = bench.component_inputs(pipe, case)
     with torch.inference_mode():

@@ -16,6 +16,7 @@ from convert.formats import read_tensors
 from jaxdiff.errors import ConfigError
 from jaxdiff.models import clip
 from jaxdiff.models.configs import CLIPTextConfig
+from tests import helpers
 
 VOCAB = 49408
 BOS, EOS = 49406, 49407
@@ -70,11 +71,6 @@ def _ids(pad: int, rng: np.random.Generator, *, added_token: int | None = None) 
     return np.stack(rows)
 
 
-def _max_rel_err(ours, ref) -> float:
-    ref = ref.detach().numpy()
-    return float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     """A random tiny transformers model saved with save_pretrained and read back through jaxdiff, with
@@ -105,13 +101,13 @@ def test_parity_with_transformers(case):
     assert config.hidden_act == CASES[name][0]["hidden_act"]
     assert len(out.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
     errors = {
-        "last_hidden_state": _max_rel_err(out.last_hidden_state, ref.last_hidden_state),
-        "hidden_states[-2]": _max_rel_err(out.hidden_states[-2], ref.hidden_states[-2]),
-        "hidden_states[0]": _max_rel_err(out.hidden_states[0], ref.hidden_states[0]),
-        "pooled": _max_rel_err(out.pooled, ref.pooled),
+        "last_hidden_state": helpers.max_rel_err(out.last_hidden_state, ref.last_hidden_state),
+        "hidden_states[-2]": helpers.max_rel_err(out.hidden_states[-2], ref.hidden_states[-2]),
+        "hidden_states[0]": helpers.max_rel_err(out.hidden_states[0], ref.hidden_states[0]),
+        "pooled": helpers.max_rel_err(out.pooled, ref.pooled),
     }
     if name == "bigg":
-        errors["text_embeds"] = _max_rel_err(out.text_embeds, ref.text_embeds)
+        errors["text_embeds"] = helpers.max_rel_err(out.text_embeds, ref.text_embeds)
         assert out.text_embeds.shape == (3, _TINY["projection_dim"])
     else:
         assert out.text_embeds is None
@@ -119,7 +115,7 @@ def test_parity_with_transformers(case):
     for what, err in errors.items():
         assert err <= 1e-4, f"{name} {what}: max error {err:.2e} relative to the output's scale"
     # hidden_states[-1] is the last layer *before* the final LayerNorm, as transformers returns it.
-    assert _max_rel_err(out.hidden_states[-1], ref.hidden_states[-1]) <= 1e-4
+    assert helpers.max_rel_err(out.hidden_states[-1], ref.hidden_states[-1]) <= 1e-4
     assert not np.allclose(out.hidden_states[-1], out.last_hidden_state, atol=1e-3)
 
 

@@ -27,7 +27,7 @@ import jaxdiff
 from jaxdiff import rng, sharding
 from jaxdiff.errors import CheckpointError, JaxdiffError
 from jaxdiff.pipeline import Pipeline
-from tests import tiny_pipelines
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 # Float images in [0, 1]: per-module parity is 1e-4 of the output scale; a few UNet evaluations, CFG
@@ -63,10 +63,6 @@ def models(tiny_pipeline):
     return {name: tiny_pipeline(name) for name in ("sd1", "sd1_inpaint", "sd2", "sdxl")}
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
 def _scheduler(ref, sampler):
     cfg = ref.scheduler.config  # may be an earlier test's DPM++ Karras: switch karras off explicitly
     if sampler == "euler":
@@ -86,7 +82,7 @@ def _patch_randn(monkeypatch, module, tensors):
     def fake(shape, generator=None, device=None, dtype=None, layout=None):
         want = queue.pop(0)
         assert tuple(shape) == (want.shape[0], want.shape[3], want.shape[1], want.shape[2]), shape
-        return _nchw(want).to(dtype or torch.float32)
+        return helpers.nchw(want).to(dtype or torch.float32)
 
     monkeypatch.setattr(module, "randn_tensor", fake)
     return queue
@@ -112,7 +108,7 @@ def test_sd1_txt2img_euler_cfg_negative_prompts(models, mesh1):
     out = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=3, sampler="euler", schedule=None,
                guidance_scale=7.5, seed=5, mesh=mesh1, return_float=True)
     want = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=3, guidance_scale=7.5,
-               latents=_nchw(noise), output_type="np").images
+               latents=helpers.nchw(noise), output_type="np").images
     _compare(out, want, "sd1 euler txt2img")
     np.testing.assert_array_equal(out.indices, [0, 1])
     assert out.latents.shape == (2, H // 2, W // 2, 4) and out.latents.dtype == np.float32
@@ -163,7 +159,7 @@ def test_sd1_dpmpp_2m_karras_rescale_clip_skip(models, mesh1, monkeypatch):
         hidden = ref.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         negative_embeds = ref.text_encoder.final_layer_norm(hidden)
     want = ref(PROMPTS, negative_prompt_embeds=negative_embeds, height=H, width=W, num_inference_steps=4,
-               guidance_scale=6.0, guidance_rescale=0.7, clip_skip=1, latents=_nchw(noise), output_type="np").images
+               guidance_scale=6.0, guidance_rescale=0.7, clip_skip=1, latents=helpers.nchw(noise), output_type="np").images
     _compare(out, want, "sd1 dpmpp_2m karras rescale clip_skip")
     plain = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=4, sampler="dpmpp_2m", schedule="karras",
                  guidance_scale=6.0, guidance_rescale=0.7, seed=1, mesh=mesh1, return_float=True)
@@ -245,7 +241,7 @@ def test_sd2_v_prediction_ddim(models, mesh1):
     out = pipe(PROMPTS, NEGATIVES, height=H, width=W, steps=3, sampler="ddim", schedule=None, guidance_scale=5.0,
                seed=2, mesh=mesh1, return_float=True)
     want = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=3, guidance_scale=5.0,
-               latents=_nchw(noise), output_type="np").images
+               latents=helpers.nchw(noise), output_type="np").images
     _compare(out, want, "sd2 v-prediction ddim")
 
 
@@ -260,7 +256,7 @@ def test_sdxl_time_ids_zero_negative_and_negative_prompt(models, mesh1):
         out = pipe(PROMPTS, neg, height=H, width=W, steps=3, sampler="euler", schedule=None, guidance_scale=5.0,
                    seed=9, mesh=mesh1, return_float=True, **sizes)
         want = ref(PROMPTS, negative_prompt=neg, height=H, width=W, num_inference_steps=3, guidance_scale=5.0,
-                   latents=_nchw(noise), output_type="np", **sizes).images
+                   latents=helpers.nchw(noise), output_type="np", **sizes).images
         _compare(out, want, f"sdxl euler negative={neg}")
 
 
@@ -324,14 +320,12 @@ def test_persistent_compilation_cache_fresh_process_compiles_nothing(models, tmp
     assert first["image"] == second["image"]
 
 
-def test_sdxl_refiner_img2img_aesthetic_score(tmp_path, mesh1, monkeypatch):
+def test_sdxl_refiner_img2img_aesthetic_score(tiny_pipeline, mesh1, monkeypatch):
     """The refiner: text_encoder_2 only, 5 time ids with the aesthetic scores, img2img."""
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as mod
     import diffusers.models.autoencoders.vae as vae_mod
-    ref = tiny_pipelines.sdxl_refiner(tmp_path / "refiner")
-    ref.tokenizer_2.model_max_length = 77
-    ref.set_progress_bar_config(disable=True)
-    pipe = jaxdiff.load(tmp_path / "refiner")
+    ref, pipe, _ = tiny_pipeline("sdxl_refiner")
+    ref.scheduler = _scheduler(ref, "euler")
     assert pipe.text_encoder is None and pipe.family.is_refiner
     image = _image(5)
     noises = rng.request_noise(8, np.arange(2), (H // 2, W // 2, 4))

@@ -1,4 +1,6 @@
 """Parity of the shared NHWC blocks and the attention reference against diffusers / torch (float32, CPU)."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -12,23 +14,14 @@ from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import (BasicTransformerBlock, Downsample2D, GroupNorm, ResnetBlock2D,
                                    Transformer2DModel, Upsample2D, feed_forward_token_chunk,
                                    get_timestep_embedding, upsample_nearest)
+from tests import helpers
+
+# Larger weight noise than the UNet tests: single layers need it to move their outputs measurably.
+perturb = functools.partial(helpers.perturb, scale=0.1)
 
 
 def _tensors(module: torch.nn.Module) -> dict:
     return {k: v.detach().numpy() for k, v in module.state_dict().items()}
-
-
-def _perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, norms included (default init leaves scale 1 / bias 0 untested)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
-def _nhwc(x: torch.Tensor) -> np.ndarray:
-    return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def _run(flax_module, torch_module, *inputs, **static):
@@ -87,20 +80,20 @@ def test_attention_bf16_close_to_float32_and_refuses_unknown_kernel():
 
 
 def test_group_norm_matches_torch():
-    torch_norm = _perturb(torch.nn.GroupNorm(4, 32, eps=1e-6))
+    torch_norm = perturb(torch.nn.GroupNorm(4, 32, eps=1e-6))
     x = torch.randn(2, 32, 5, 7) * 3 + 1
-    got = _run(GroupNorm(4, 1e-6), torch_norm, jnp.asarray(_nhwc(x)))
-    _assert_close(got, _nhwc(torch_norm(x)))
+    got = _run(GroupNorm(4, 1e-6), torch_norm, jnp.asarray(helpers.nhwc(x)))
+    _assert_close(got, helpers.nhwc(torch_norm(x)))
 
 
 @pytest.mark.parametrize("cin,cout,with_temb", [(16, 32, True), (16, 16, False), (32, 16, False)])
 def test_resnet_block_matches_diffusers(cin, cout, with_temb):
     from diffusers.models.resnet import ResnetBlock2D as Ref
-    ref = _perturb(Ref(in_channels=cin, out_channels=cout, temb_channels=24 if with_temb else None, groups=8,
+    ref = perturb(Ref(in_channels=cin, out_channels=cout, temb_channels=24 if with_temb else None, groups=8,
                        eps=1e-6, output_scale_factor=2.0))
     x, temb = torch.randn(2, cin, 6, 5), torch.randn(2, 24)
-    want = _nhwc(ref(x, temb if with_temb else None))
-    args = (jnp.asarray(_nhwc(x)), jnp.asarray(temb.numpy()) if with_temb else None)
+    want = helpers.nhwc(ref(x, temb if with_temb else None))
+    args = (jnp.asarray(helpers.nhwc(x)), jnp.asarray(temb.numpy()) if with_temb else None)
     got = _run(ResnetBlock2D(out_channels=cout, groups=8, eps=1e-6, output_scale_factor=2.0), ref, *args)
     _assert_close(got, want)
 
@@ -108,32 +101,32 @@ def test_resnet_block_matches_diffusers(cin, cout, with_temb):
 @pytest.mark.parametrize("padding", [0, 1])
 def test_downsample_matches_diffusers(padding):
     from diffusers.models.downsampling import Downsample2D as Ref
-    ref = _perturb(Ref(8, use_conv=True, out_channels=8, padding=padding, name="op"))
+    ref = perturb(Ref(8, use_conv=True, out_channels=8, padding=padding, name="op"))
     x = torch.randn(1, 8, 7, 6)   # odd height: checks the asymmetric pad
-    _assert_close(_run(Downsample2D(8, padding=padding), ref, jnp.asarray(_nhwc(x))), _nhwc(ref(x)))
+    _assert_close(_run(Downsample2D(8, padding=padding), ref, jnp.asarray(helpers.nhwc(x))), helpers.nhwc(ref(x)))
 
 
 @pytest.mark.parametrize("size", [None, (7, 9)])
 def test_upsample_matches_diffusers(size):
     from diffusers.models.upsampling import Upsample2D as Ref
-    ref = _perturb(Ref(8, use_conv=True, out_channels=4))
+    ref = perturb(Ref(8, use_conv=True, out_channels=4))
     x = torch.randn(1, 8, 4, 5)
-    want = _nhwc(ref(x, output_size=size))
-    got = _run(Upsample2D(4), ref, jnp.asarray(_nhwc(x)), output_size=size)
+    want = helpers.nhwc(ref(x, output_size=size))
+    got = _run(Upsample2D(4), ref, jnp.asarray(helpers.nhwc(x)), output_size=size)
     _assert_close(got, want)
 
 
 def test_upsample_nearest_general_size_matches_torch():
     x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
     for size in [(10, 14), (6, 9), (13, 11), (5, 7)]:
-        want = _nhwc(F.interpolate(x, size=size, mode="nearest"))
-        np.testing.assert_array_equal(np.asarray(upsample_nearest(jnp.asarray(_nhwc(x)), size)), want)
+        want = helpers.nhwc(F.interpolate(x, size=size, mode="nearest"))
+        np.testing.assert_array_equal(np.asarray(upsample_nearest(jnp.asarray(helpers.nhwc(x)), size)), want)
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_transformer_block_matches_diffusers_with_the_feed_forward_whole_or_in_token_blocks(chunk):
     from diffusers.models.attention import BasicTransformerBlock as Ref
-    ref = _perturb(Ref(16, 2, 8, cross_attention_dim=12, activation_fn="geglu"))
+    ref = perturb(Ref(16, 2, 8, cross_attention_dim=12, activation_fn="geglu"))
     x, ctx = torch.randn(2, 12, 16), torch.randn(2, 5, 12)
     want = ref(x, encoder_hidden_states=ctx).detach().numpy()
     model = BasicTransformerBlock(heads=2, head_dim=8, ff_token_chunk=chunk)
@@ -169,12 +162,12 @@ def test_feed_forward_token_chunk_keeps_the_hidden_block_in_cache_on_cpu_only():
 @pytest.mark.parametrize("linear", [False, True])
 def test_transformer2d_matches_diffusers(linear):
     from diffusers.models.transformers.transformer_2d import Transformer2DModel as Ref
-    ref = _perturb(Ref(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=2,
+    ref = perturb(Ref(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=2,
                        cross_attention_dim=12, norm_num_groups=4, use_linear_projection=linear,
                        upcast_attention=linear))
     x, ctx = torch.randn(2, 16, 4, 3), torch.randn(2, 5, 12)
-    want = _nhwc(ref(x, encoder_hidden_states=ctx).sample)
+    want = helpers.nhwc(ref(x, encoder_hidden_states=ctx).sample)
     model = Transformer2DModel(heads=2, num_layers=2, use_linear_projection=linear, norm_num_groups=4,
                                upcast=linear)
-    got = _run(model, ref, jnp.asarray(_nhwc(x)), jnp.asarray(ctx.numpy()))
+    got = _run(model, ref, jnp.asarray(helpers.nhwc(x)), jnp.asarray(ctx.numpy()))
     _assert_close(got, want)

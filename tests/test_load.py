@@ -15,7 +15,7 @@ import jaxdiff
 from convert.diffusers_layout import flatten
 from convert.formats import read_safetensors, write_safetensors
 from jaxdiff.errors import CheckpointError, ConfigError
-from tests import tiny_pipelines
+from tests import helpers, tiny_pipelines
 
 # Modules in float32 agree to 1e-4 relative to the output's scale (DESIGN.md, Tests).
 RTOL = 1e-4
@@ -34,14 +34,6 @@ def folders(tmp_path_factory):
     return {name: (build(root / name), root / name)
             for name, build in (("sd1", tiny_pipelines.sd1), ("sd2", tiny_pipelines.sd2),
                                 ("sdxl", tiny_pipelines.sdxl))}
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
@@ -81,19 +73,19 @@ def test_every_component_matches_pytorch(folders, name):
                  "time_ids": np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (2, 1))}
         ref_added = {k: torch.from_numpy(v) for k, v in added.items()}
     with torch.no_grad():
-        want = ref.unet(_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
+        want = ref.unet(helpers.nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
                         added_cond_kwargs=ref_added).sample
-    assert_close(pipe.unet(x, t, ctx, added), _nhwc(want), f"{name} unet")
+    assert_close(pipe.unet(x, t, ctx, added), helpers.nhwc(want), f"{name} unet")
 
     images = np.tanh(rng.standard_normal((1, 16, 16, 3))).astype(np.float32)
     with torch.no_grad():
-        post = ref.vae.encode(_nchw(images)).latent_dist
+        post = ref.vae.encode(helpers.nchw(images)).latent_dist
         z = post.mean
         decoded = ref.vae.decode(z).sample
     got = pipe.vae.encode(images)
-    assert_close(got.mean, _nhwc(post.mean), f"{name} vae mean")
-    assert_close(got.logvar, _nhwc(post.logvar), f"{name} vae logvar")
-    assert_close(pipe.vae.decode(_nhwc(z)), _nhwc(decoded), f"{name} vae decode")
+    assert_close(got.mean, helpers.nhwc(post.mean), f"{name} vae mean")
+    assert_close(got.logvar, helpers.nhwc(post.logvar), f"{name} vae logvar")
+    assert_close(pipe.vae.decode(helpers.nhwc(z)), helpers.nhwc(decoded), f"{name} vae decode")
     assert pipe.vae.config.scaling_factor == ref.vae.config.scaling_factor
     assert pipe.scheduler_config["_class_name"] == type(ref.scheduler).__name__
 

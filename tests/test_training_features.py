@@ -31,7 +31,7 @@ from jaxdiff.training import data as D
 from jaxdiff.training import loss as L
 from jaxdiff.training.optim import OptimConfig
 from jaxdiff.training.trainer import Checkpointer, Models, TrainConfig, Trainer
-from tests import tiny_pipelines
+from tests import helpers, tiny_pipelines
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,10 +83,6 @@ def _micro_sdxl(folder):
 def sd1(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd1")
     return folder, _micro_sd1(folder), jaxdiff.load(folder)
-
-
-def _rel_l2(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _one_device():
@@ -203,7 +199,7 @@ def test_text_encoder_gradients_match_torch(te_run):
         zero = {k for k in g_ref if k[-2:] == ("k_proj", "bias")}
         scale = max(float(np.linalg.norm(g)) for g in g_ref.values())
         assert all(np.linalg.norm(g_jax[k]) <= 1e-6 * scale for k in zero)
-        errs = sorted((_rel_l2(g_jax[k], g_ref[k]), "/".join(k)) for k in g_ref if k not in zero)
+        errs = sorted((helpers.rel_l2(g_jax[k], g_ref[k]), "/".join(k)) for k in g_ref if k not in zero)
         worst[name] = errs[-1]
         assert errs[-1][0] <= 1e-4, (name, errs[-3:])
     # the step moved every text-encoder tensor

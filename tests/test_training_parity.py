@@ -15,6 +15,7 @@ from convert.diffusers_layout import convert_state_dict, flatten
 from jaxdiff.training import loss as L
 from jaxdiff.training.optim import OptimConfig
 from jaxdiff.training.trainer import Models, TrainConfig, Trainer
+from tests import helpers
 
 B, CTX_LEN = 8, 8
 
@@ -35,10 +36,6 @@ def _leaf(tree, torch_key):
     if last == "weight":  # kernel (Conv / Dense) or scale (norms), per the naming rule
         last = "kernel" if "kernel" in node else "scale"
     return node[last]
-
-
-def _rel_l2(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def test_one_step_parity_then_overfit(sd):
@@ -81,7 +78,7 @@ def test_one_step_parity_then_overfit(sd):
     g_ref = flatten(convert_state_dict(g_ref, shapes, source="torch grads"))
     g_jax = flatten(jax.tree.map(np.asarray, grads["unet"]))
     assert set(g_ref) == set(g_jax)
-    errs = sorted(((_rel_l2(g_jax[k], g_ref[k]), "/".join(k), float(np.linalg.norm(g_ref[k]))) for k in g_ref),
+    errs = sorted(((helpers.rel_l2(g_jax[k], g_ref[k]), "/".join(k), float(np.linalg.norm(g_ref[k]))) for k in g_ref),
                   reverse=True)
     worst = errs[0][0]
     assert worst <= 1e-4, errs[:4]

@@ -19,6 +19,7 @@ from convert.formats import read_tensors
 from jaxdiff.errors import ConfigError
 from jaxdiff.models.configs import UNetConfig
 from jaxdiff.models.unet import UNet2DConditionModel, example_inputs, param_shapes
+from tests import helpers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -67,20 +68,11 @@ CASES = {
 }
 
 
-def _perturb(model: torch.nn.Module) -> torch.nn.Module:
-    """Random weights everywhere: norms and the zero-init output conv would otherwise test nothing."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity_with_diffusers(name, tmp_path):
     kwargs, (h, w), t_kind, added_spec = CASES[name]
     torch.manual_seed(0)
-    ref = _perturb(diffusers.UNet2DConditionModel(**kwargs))
+    ref = helpers.perturb(diffusers.UNet2DConditionModel(**kwargs))
     ref.save_pretrained(tmp_path, safe_serialization=True)
 
     config = UNetConfig.from_dict(json.loads((tmp_path / "config.json").read_text()), str(tmp_path))
@@ -238,7 +230,7 @@ def test_controlnet_residuals_parity_with_diffusers(tmp_path):
     mid_block_additional_residual (the seam ControlNet plugs into)."""
     kwargs, (h, w), _, _ = CASES["sd1"]
     torch.manual_seed(0)
-    ref = _perturb(diffusers.UNet2DConditionModel(**kwargs))
+    ref = helpers.perturb(diffusers.UNet2DConditionModel(**kwargs))
     ref.save_pretrained(tmp_path, safe_serialization=True)
     config = UNetConfig.from_dict(json.loads((tmp_path / "config.json").read_text()), str(tmp_path))
     model = UNet2DConditionModel(config)

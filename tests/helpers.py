@@ -1,0 +1,40 @@
+"""Small helpers the parity tests share: layout moves between PyTorch (NCHW) and jaxdiff (NHWC),
+random perturbation of a torch module's weights, and error measures."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def nchw(x) -> torch.Tensor:
+    """NHWC array (numpy or jax) -> NCHW torch tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """NCHW torch tensor -> NHWC numpy array."""
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, norms included (default init leaves scale 1 / bias 0 and zero-init
+    output convs untested); returns the module in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def rel_l2(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def max_rel_err(got, want) -> float:
+    """max |got - want| / max |want| (torch tensors or arrays)."""
+    if isinstance(want, torch.Tensor):
+        want = want.detach().numpy()
+    want = np.asarray(want)
+    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
