@@ -144,10 +144,16 @@ def _extra_token_rows(vocab_size: int, table: jax.Array):
 
 def emphasize(z: jax.Array, weights: jax.Array) -> jax.Array:
     """A1111 `EmphasisOriginal` per chunk and row: z [B, k, 77, D] * weights [B, k, 77], then each
-    [77, D] chunk rescaled so its mean equals the unweighted mean. Weights of 1 return z exactly."""
+    [77, D] chunk rescaled so its mean equals the unweighted mean.
+
+    A chunk whose weights are all 1 is returned exactly as is (A1111's ratio is 1 up to rounding
+    there, and a mean near 0 would make the rounding large), so an unweighted prompt gives exactly
+    the unweighted encoding."""
     original = z.mean(axis=(2, 3), keepdims=True)
-    z = z * weights[..., None]
-    return z * (original / z.mean(axis=(2, 3), keepdims=True))
+    weighted = z * weights[..., None]
+    rescaled = weighted * (original / weighted.mean(axis=(2, 3), keepdims=True))
+    plain = jnp.all(weights == 1, axis=2)[..., None, None]  # [B, k, 1, 1]
+    return jnp.where(plain, z, rescaled)
 
 
 def encode(spec: EncoderSpec, params: Mapping[str, Any], ids: Mapping[str, jax.Array],
@@ -181,7 +187,8 @@ def encode(spec: EncoderSpec, params: Mapping[str, Any], ids: Mapping[str, jax.A
         if spec.sdxl:
             h = out.hidden_states[-(clip_skip + 2)] if clip_skip else out.hidden_states[-2]
             # The last encoder's projected pooled output (diffusers keeps that one), first chunk (A1111).
-            pooled = out.text_embeds.reshape(rows, chunks, -1)[:, 0]
+            if out.text_embeds is not None:
+                pooled = out.text_embeds.reshape(rows, chunks, -1)[:, 0]
         elif clip_skip:
             ln = params[name]["text_model"]["final_layer_norm"]
             h = LayerNorm(epsilon=eps, dtype=jnp.float32).apply({"params": ln}, out.hidden_states[-(clip_skip + 1)])
