@@ -30,6 +30,7 @@ from convert.formats import read_safetensors
 ANY_ENCODER = "*"        # vectors for whichever encoder has their width (SD1 / SD2 files)
 SDXL_KEYS = ("clip_l", "clip_g")  # SDXL files: CLIP-L (text_encoder) and bigG (text_encoder_2) vectors
 DIFFUSERS_STEM = "learned_embeds"
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 SAFETENSORS_MAGIC_MAX = 100 * 1024 * 1024
 
 
@@ -149,3 +150,25 @@ def read_embedding(path: str | os.PathLike, *, token: str | None = None) -> Embe
         raise EmbeddingFileError(f"{path}: not a safetensors file; pickled (.pt / .bin) embeddings need "
                                  f"the pickle reader, or re-save the embedding as .safetensors")
     return embedding_from_state_dict(read_safetensors(path), path, token=token, sha256=_sha256(path))
+
+
+def read_embeddings_dir(folder: str | os.PathLike) -> tuple[list[Embedding], list[tuple[str, str]]]:
+    """Every embedding file in `folder` (A1111's embeddings directory, recursively), by its stem.
+
+    Returns:
+      (embeddings, skipped): the files read, and (path, reason) for those that could not be
+      (pickled files, broken files); A1111 also lists what it skips rather than failing.
+      `*.preview.*` images are ignored, as A1111 ignores them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbeddingFileError(f"{folder}: no such directory")
+    loaded, skipped = [], []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in EMBEDDING_SUFFIXES or ".preview." in path.name:
+            continue
+        try:
+            loaded.append(read_embedding(path))
+        except CheckpointError as e:
+            skipped.append((str(path), str(e)))
+    return loaded, skipped

@@ -184,6 +184,7 @@ class Tokenizer:
             if rust_id != index:
                 self._expand[rust_id] = (index,)
         self.embeddings: dict[str, tuple[int, ...]] = {}
+        self._with_cache: dict[tuple, Tokenizer] = {}
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -270,6 +271,10 @@ class Tokenizer:
         Raises:
           JaxdiffError: a name that is a vocabulary or special token (diffusers refuses those too).
         """
+        key = tuple((name, tuple(int(i) for i in ids)) for name, ids in names.items())
+        cached = self._with_cache.get(key)
+        if cached is not None:
+            return cached
         copy = object.__new__(Tokenizer)
         copy.__dict__.update(self.__dict__)
         copy._rust = tokenizers.Tokenizer.from_str(self._rust.to_str())
@@ -283,6 +288,10 @@ class Tokenizer:
             copy._rust.add_tokens([AddedToken(name, special=False, normalized=True)])
             copy._expand[copy._rust.token_to_id(name)] = tuple(int(i) for i in ids)
             copy.embeddings[name] = tuple(int(i) for i in ids)
+        copy._with_cache = {}
+        if len(self._with_cache) >= 8:  # building a copy costs ~0.1 s; requests reuse the same terms
+            self._with_cache.clear()
+        self._with_cache[key] = copy
         return copy
 
     def _expanded(self, ids: list[int]) -> list[int]:

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 import jaxdiff
 import tiny_pipelines
-from convert.embeddings import ANY_ENCODER, EmbeddingFileError, read_embedding
+from convert.embeddings import ANY_ENCODER, EmbeddingFileError, read_embedding, read_embeddings_dir
 from jaxdiff import prompts
 from jaxdiff.errors import JaxdiffError
 
@@ -87,6 +87,17 @@ def test_formats(tmp_path):
 
     (tmp_path / "style.bin").write_bytes((tmp_path / "EasyNeg.safetensors").read_bytes())  # safetensors in .bin
     assert read_embedding(tmp_path / "style.bin").name == "style"
+
+
+def test_embeddings_dir(tmp_path):
+    save_file({"emb_params": _vectors(2, 32, 0)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "sub").mkdir()
+    save_file({"emb_params": _vectors(1, 32, 1)}, str(tmp_path / "sub" / "b.safetensors"))
+    (tmp_path / "c.pt").write_bytes(b"\x80\x02}q\x00.")
+    (tmp_path / "a.preview.png").write_bytes(b"png")
+    loaded, skipped = read_embeddings_dir(tmp_path)
+    assert [e.name for e in loaded] == ["a", "b"]
+    assert len(skipped) == 1 and skipped[0][0].endswith("c.pt") and "pickle" in skipped[0][1]
 
 
 def test_bad_files(tmp_path):

@@ -308,3 +308,17 @@ def test_bundled_files_are_what_the_build_script_makes():
     assert vocab == json.loads((BUNDLED_DIR / "vocab.json").read_text(encoding="utf-8"))
     assert len(vocab) == 49408 and len(merges) == 48894
     assert (BUNDLED_DIR / "LICENSE").read_text().count("Copyright (c) 2021 OpenAI") == 1
+
+
+def test_embedding_names_match_transformers_add_tokens(bundled, pad_token):
+    """Textual-inversion names are matched as transformers' add_tokens matches them for diffusers
+    (after lower-casing, anywhere in the text); a multi-vector name expands to all its ids."""
+    ref = _reference_tokenizer(pad_token)
+    ref.add_tokens(["<toy>", "EasyNeg", "EasyNeg_1"])   # diffusers' names for a 2-vector term
+    tok = bundled.with_embeddings({"<toy>": [49408], "EasyNeg": [49409, 49410]})
+    texts = ["a <toy> cat", "easyneg, x <TOY>", "my<toy>s and more", "EasyNeg<toy>!"]
+    want = _ids(ref, [t.replace("EasyNeg", "EasyNeg EasyNeg_1").replace("easyneg", "EasyNeg EasyNeg_1")
+                      for t in texts])
+    np.testing.assert_array_equal(tok(texts), want)
+    assert 49408 not in bundled("a <toy> cat") and bundled.embeddings == {}   # the original is unchanged
+    assert bundled.with_embeddings({"<toy>": [49408], "EasyNeg": [49409, 49410]}) is tok  # cached
