@@ -368,7 +368,9 @@ def tokenize_prompts(tokenizers: Mapping[str, Any], prompt, negative_prompt=None
       tokenizers: from `pipeline_tokenizers(pipe, embeddings)` (encoder name -> Tokenizer).
       prompt: a string or a list of P strings; negative_prompt: None, one string or P strings.
       prompt_2, negative_prompt_2: SDXL's second encoder's texts (diffusers: None means the same as
-        prompt / negative_prompt); ignored without text_encoder_2.
+        prompt / negative_prompt); ignored unless both encoders are present (diffusers' refiner too).
+        A negative_prompt_2 without negative_prompt makes negative ids ("" for encoder 1); diffusers
+        then still uses zeros when force_zeros_for_empty_prompt, so the caller decides.
       prompt_weighting: "a1111" (jaxdiff/prompt_parser.py) or "none" (diffusers: text as is, one
         chunk, truncated at 75 tokens with a warning).
       embeddings: the loaded textual-inversion terms, so a term is never split across chunks.
@@ -379,14 +381,17 @@ def tokenize_prompts(tokenizers: Mapping[str, Any], prompt, negative_prompt=None
         raise JaxdiffError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
     prompts = as_prompt_list(prompt)
     n = len(prompts)
+    # diffusers zips [prompt, prompt_2] with the tokenizers present, so a refiner (text_encoder_2
+    # only) reads `prompt` and ignores prompt_2.
+    two = len(tokenizers) == 2
     texts = {name: prompts for name in tokenizers}
-    if "text_encoder_2" in tokenizers and prompt_2 is not None:
+    if two and prompt_2 is not None:
         texts["text_encoder_2"] = _per_prompt(prompt_2, n, "prompt_2")
     negatives = None
-    if negative_prompt is not None or negative_prompt_2 is not None:
+    if negative_prompt is not None or (two and negative_prompt_2 is not None):
         first = _per_prompt(negative_prompt if negative_prompt is not None else "", n, "negative_prompt")
         negatives = {name: first for name in tokenizers}
-        if "text_encoder_2" in tokenizers and negative_prompt_2 is not None:
+        if two and negative_prompt_2 is not None:
             negatives["text_encoder_2"] = _per_prompt(negative_prompt_2, n, "negative_prompt_2")
     lengths = embeddings.embedding_lengths() if embeddings is not None else {}
 

@@ -9,9 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
-import tiny_pipelines
+from transformers import CLIPTokenizer
+
 from jaxdiff import prompt_parser as pp
-from jaxdiff.tokenizer import Tokenizer
+from jaxdiff import prompts
+from jaxdiff.tokenizer import BUNDLED_DIR, Tokenizer
 
 BOS, EOS = 49406, 49407
 
@@ -28,7 +30,7 @@ def tok_bang():
 
 @pytest.fixture(scope="module")
 def ref_tok():
-    return tiny_pipelines.tokenizer()
+    return CLIPTokenizer(str(BUNDLED_DIR / "vocab.json"), str(BUNDLED_DIR / "merges.txt"))
 
 
 def _close(got, want):
@@ -154,3 +156,21 @@ def test_weighting_none_is_diffusers_literal(tok):
         pp.prompt_chunks(tok, " ".join(_words(75)), weighting="none")
     with pytest.raises(ValueError, match="prompt_weighting"):
         pp.prompt_chunks(tok, "x", weighting="compel")
+
+
+def test_tokenize_prompts_shapes_and_prompt_2(tok, tok_bang):
+    toks = {"text_encoder": tok, "text_encoder_2": tok_bang}
+    inputs = prompts.tokenize_prompts(toks, ["a cat", "a dog"], "ugly", 3, prompt_2=["x", " ".join(_words(80))])
+    assert inputs.chunks == 2 and inputs.n_prompts == 2
+    for side in (inputs.ids, inputs.weights, inputs.negative_ids, inputs.negative_weights):
+        assert {k: v.shape for k, v in side.items()} == {"text_encoder": (6, 154), "text_encoder_2": (6, 154)}
+    assert inputs.ids["text_encoder"].dtype == np.int32 and inputs.weights["text_encoder"].dtype == np.float32
+    tail = tok_bang.encode(" ".join(_words(80)))[75:]
+    np.testing.assert_array_equal(inputs.ids["text_encoder_2"][3, 77:], [BOS, *tail, EOS] + [0] * 70)
+    np.testing.assert_array_equal(inputs.ids["text_encoder_2"][0, :77], tok_bang("x")[0])
+    # A refiner (encoder 2 only) reads `prompt`, as diffusers' refiner does.
+    refiner = prompts.tokenize_prompts({"text_encoder_2": tok_bang}, "a cat", prompt_2="x")
+    np.testing.assert_array_equal(refiner.ids["text_encoder_2"][0], tok_bang("a cat")[0])
+    empty_ids, empty_w = prompts.empty_text_inputs(toks, 2, 2)
+    np.testing.assert_array_equal(empty_ids["text_encoder"][1, 77:], tok("")[0])
+    assert empty_w["text_encoder_2"].shape == (2, 154) and (empty_w["text_encoder_2"] == 1).all()
