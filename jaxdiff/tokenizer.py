@@ -1,36 +1,31 @@
 """CLIP tokenizer: prompts -> token ids [B, 77] int32, as diffusers' pipelines tokenize them.
 
-A pure-Python port of what transformers 5's CLIPTokenizer runs (a `tokenizers` pipeline), so that
-generating an image never imports transformers (about 3 s of CPU on a small machine). Ids come out
-exactly as diffusers asks for them:
+Runs Hugging Face `tokenizers` (the Rust library transformers' CLIPTokenizer is a wrapper around),
+built here with the pipeline transformers builds, so generating an image never imports transformers
+(seconds of CPU) and ids come out exactly as diffusers asks for them:
 
     tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
 
 i.e. <|startoftext|>, the prompt's tokens, <|endoftext|>, then padding up to model_max_length (77);
 a prompt too long is cut so that <|endoftext|> is still the last token. The pad token is what the
 checkpoint's tokenizer folder says: SD1 pads with "<|endoftext|>" (49407), SD2 and SDXL's second
-tokenizer with "!" (id 0). This matters: the text encoder is causal, so the prompt's own positions do
-not see the padding, but the hidden states at the padded positions differ, and the UNet attends to
-all 77. One consequence of transformers' handling worth knowing: the pad token is a special token,
-and special tokens are cut out of the text before BPE, so with pad "!" every "!" in a prompt becomes
-id 0 on its own ("wow!!" -> "wow", "!", "!"), where OpenAI's tokenizer would merge "!!" into one token.
-diffusers' SD2 / SDXL pipelines tokenize the same way, so jaxdiff keeps it.
+tokenizer with "!" (id 0). The text encoder is causal, so the prompt's own positions do not see the
+padding, but the hidden states at the padded positions differ, and the UNet attends to all 77.
+One consequence of transformers' handling: the pad token is a special (added) token, and added tokens
+are cut out of the text before BPE, so with pad "!" every "!" in a prompt becomes id 0 on its own
+("wow!!" -> "wow", "!", "!"). diffusers' SD2 / SDXL pipelines tokenize the same way, so jaxdiff keeps it.
 
-The pipeline, step by step (transformers/models/clip/tokenization_clip.py builds the same one; the
-normalizer and pre-tokenizer are the class's own, whatever a tokenizer.json says):
+The pipeline (transformers 5 models/clip/tokenization_clip.py `CLIPTokenizer.__init__`; the normalizer
+and pre-tokenizer are the class's own, whatever a tokenizer.json says):
+  BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False),
+  normalizer NFC -> Replace(\\s+ -> " ") -> Lowercase,
+  pre-tokenizer Split(<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|
+  [^\\s\\p{L}\\p{N}]+, removed, inverted) -> ByteLevel(add_prefix_space=False),
+  plus the added tokens (special tokens; a token marked `normalized` is matched after normalization).
 
-  1. added tokens (the special tokens, "!" too when it is the pad) are split out of the raw text;
-     a token marked `normalized` (legacy SD folders mark <|startoftext|>/<|endoftext|> so) is instead
-     looked for after step 2;
-  2. each remaining piece is normalized: NFC, every run of Unicode white space -> " ", lower case
-     (character by character, as Rust's `to_lowercase`, so no final-sigma rule);
-  3. pre-tokenized by CLIP's pattern  <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|
-     \\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+  (white space between matches dropped); the ByteLevel step then
-     applies GPT-2's pattern to each piece, which only changes the literal special-token pieces
-     ("<|", "endoftext", "|>"): every other piece is a single letter run, digit, contraction or a run
-     of other characters, which GPT-2's pattern leaves whole;
-  4. each piece's UTF-8 bytes are mapped to printable characters (GPT-2's byte table) and BPE'd with
-     the end-of-word suffix "</w>" on its last symbol, lowest merge rank first.
+Textual-inversion names (`with_embeddings`) are added tokens too (normalized, so matched case-
+insensitively anywhere in the text, as transformers' `add_tokens` does for diffusers); each one expands
+to the ids of its n vectors (ids >= the base vocabulary, rows of an extra embedding table).
 
 Checkpoints without a tokenizer folder (single-file checkpoints) use the bundled vocabulary in
 jaxdiff/assets/clip_tokenizer (OpenAI's CLIP BPE, MIT; see its LICENSE).
@@ -39,14 +34,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import unicodedata
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
-from jaxdiff.errors import CheckpointError
+from jaxdiff.errors import CheckpointError, JaxdiffError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 CONTEXT_LENGTH = 77  # CLIP's max_position_embeddings; every SD text encoder has 77 positions
@@ -56,80 +52,9 @@ DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"
                     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # CLIPTokenizer's defaults
 END_OF_WORD = "</w>"
 MERGES_HEADER = "#version: 0.2"
-CACHE_SIZE = 10_000  # words kept by the BPE cache (tokenizers' default capacity)
-
-# Unicode White_Space, what `\s` matches in the Oniguruma patterns `tokenizers` runs. (Python's
-# str.isspace also takes U+001C..U+001F, which CLIP's tokenizer keeps as characters.)
-WHITESPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
-                                 0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
-_WHITESPACE_RUN = re.compile("[" + "".join(sorted(WHITESPACE)) + "]+")
-# The literal alternatives of CLIP's pattern, in its order, and how GPT-2's pattern splits them.
-_SPECIAL_LITERALS = {"<|startoftext|>": ["<|", "startoftext", "|>"],
-                     "<|endoftext|>": ["<|", "endoftext", "|>"]}
-_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-_SPACE, _LETTER, _NUMBER, _OTHER = range(4)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable character table (printable bytes map to themselves)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_BYTE_CHARS = [char for _, char in sorted(bytes_to_unicode().items())]  # byte value -> character
-_char_kinds: dict[str, int] = {}
-
-
-def _kind(c: str) -> int:
-    kind = _char_kinds.get(c)
-    if kind is None:
-        category = unicodedata.category(c)
-        kind = (_SPACE if c in WHITESPACE else _LETTER if category[0] == "L"
-                else _NUMBER if category[0] == "N" else _OTHER)
-        _char_kinds[c] = kind
-    return kind
-
-
-def normalize(text: str) -> str:
-    """NFC, white-space runs -> one space, per-character lower case (transformers' CLIP normalizer)."""
-    text = _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text))
-    return text.lower() if text.isascii() else "".join(c.lower() for c in text)
-
-
-def pre_tokenize(text: str) -> list[str]:
-    """Normalized text -> the pieces BPE sees (steps 3 of the module docstring), before byte mapping."""
-    pieces, i, n = [], 0, len(text)
-    while i < n:
-        c = text[i]
-        kind = _kind(c)
-        if kind == _SPACE:
-            i += 1
-            continue
-        if c == "<":
-            literal = next((s for s in _SPECIAL_LITERALS if text.startswith(s, i)), None)
-            if literal is not None:
-                pieces.extend(_SPECIAL_LITERALS[literal])
-                i += len(literal)
-                continue
-        elif c == "'":
-            contraction = next((s for s in _CONTRACTIONS if text.startswith(s, i)), None)
-            if contraction is not None:
-                pieces.append(contraction)
-                i += len(contraction)
-                continue
-        j = i + 1
-        if kind != _NUMBER:  # digits are single pieces; letters and other characters come in runs
-            while j < n and _kind(text[j]) == kind:
-                j += 1
-        pieces.append(text[i:j])
-        i = j
-    return pieces
+# transformers 5 tokenization_clip.py: CLIP's pattern with the two special tokens as literals.
+CLIP_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                r"""[^\s\p{L}\p{N}]+""")
 
 
 def _read_json(path: Path):
@@ -176,14 +101,29 @@ class _AddedToken:
         self.normalized = bool(spec.get("normalized", normalized))
 
 
+def _clip_pipeline(vocab: Mapping[str, int], merges: Sequence[tuple[str, str]], unk: str) -> tokenizers.Tokenizer:
+    """The `tokenizers` pipeline transformers 5's CLIPTokenizer builds (module docstring)."""
+    tok = tokenizers.Tokenizer(BPE(vocab=dict(vocab), merges=[tuple(m) for m in merges], dropout=None,
+                                   continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD,
+                                   fuse_unk=False, unk_token=unk))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tok
+
+
 class Tokenizer:
     """CLIP BPE tokenizer producing fixed-length id arrays for the text encoder.
 
     Build it with `Tokenizer.from_folder(checkpoint / "tokenizer")` or `Tokenizer.bundled(pad_token)`.
+    Instances are not changed after construction: `with_embeddings` returns a new one.
 
     Attributes:
       model_max_length: ids per prompt (77).
       pad_token_id, bos_token_id, eos_token_id: the special ids (bos 49406, eos 49407 for CLIP).
+      embeddings: textual-inversion name -> the ids it expands to (empty unless `with_embeddings`).
     """
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], specials: dict,
@@ -200,7 +140,7 @@ class Tokenizer:
         """
         self.source = source
         self._vocab = dict(vocab)
-        self._ranks = {(a, b): i for i, (a, b) in enumerate(merges)}
+        self._merges = [tuple(m) for m in merges]
         # A folder whose config names no model_max_length gets transformers' "unlimited" sentinel
         # (about 1e30); CLIP can only ever take its 77 positions.
         length = model_max_length
@@ -234,16 +174,17 @@ class Tokenizer:
         self.eos_token_id = self._added[self.specials["eos_token"]][0]
         self.pad_token_id = self._added[self.specials["pad_token"]][0]
         self.unk_token_id = self._added[self.specials["unk_token"]][0]
-        self._raw_split = self._splitter([t for t in self._added if not self._added[t][1].normalized])
-        self._normalized_split = self._splitter([t for t in self._added if self._added[t][1].normalized])
-        self._cache: dict[str, list[int]] = {}
-
-    @staticmethod
-    def _splitter(tokens: list[str]):
-        # Longest first, so the leftmost match is also the longest (tokenizers' leftmost-longest).
-        if not tokens:
-            return None
-        return re.compile("(" + "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) + ")")
+        self._rust = _clip_pipeline(self._vocab, self._merges, self.specials["unk_token"])
+        # `tokenizers` numbers an added token outside the vocabulary itself; `_expand` maps its ids to
+        # the ones the file lists (and, with embeddings, a name's id to its vectors' ids).
+        self._expand: dict[int, tuple[int, ...]] = {}
+        for content, (index, token) in sorted(self._added.items(), key=lambda kv: kv[1][0]):
+            self._rust.add_special_tokens([AddedToken(content, special=True, normalized=token.normalized)])
+            rust_id = self._rust.token_to_id(content)
+            if rust_id != index:
+                self._expand[rust_id] = (index,)
+        self.embeddings: dict[str, tuple[int, ...]] = {}
+        self._with_cache: dict[tuple, Tokenizer] = {}
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -290,7 +231,9 @@ class Tokenizer:
         try:
             return cls(vocab, merges, specials, model_max_length=config.get("model_max_length"),
                        added=added, source=str(path))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except Exception as e:  # a malformed vocabulary or merges list, also as `tokenizers` says it
+            if isinstance(e, JaxdiffError):
+                raise
             raise CheckpointError(f"{path}: cannot load the CLIP tokenizer: {e!r}") from None
 
     @classmethod
@@ -310,56 +253,60 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """The BPE vocabulary plus added tokens outside it (transformers' len(tokenizer))."""
+        """The BPE vocabulary plus added tokens outside it (transformers' len(tokenizer)), without
+        textual-inversion names."""
         return len(self._vocab) + len(self._extra)
 
-    def _bpe(self, piece: str) -> list[int]:
-        """One pre-tokenized piece -> ids, by merging the lowest-ranked adjacent pair until none merges."""
-        ids = self._cache.get(piece)
-        if ids is not None:
+    @property
+    def comma_id(self) -> int:
+        """The id of a word-final "," (A1111's comma_padding_backtrack looks for it)."""
+        return self._vocab["," + END_OF_WORD]
+
+    def with_embeddings(self, names: Mapping[str, Sequence[int]]) -> "Tokenizer":
+        """A copy that also knows textual-inversion names, each expanding to the given ids.
+
+        Args:
+          names: name -> ids of its vectors (ids >= the text encoder's vocabulary; rows of the extra
+            embedding table). Names this tokenizer already knows are replaced.
+        Raises:
+          JaxdiffError: a name that is a vocabulary or special token (diffusers refuses those too).
+        """
+        key = tuple((name, tuple(int(i) for i in ids)) for name, ids in names.items())
+        cached = self._with_cache.get(key)
+        if cached is not None:
+            return cached
+        copy = object.__new__(Tokenizer)
+        copy.__dict__.update(self.__dict__)
+        copy._rust = tokenizers.Tokenizer.from_str(self._rust.to_str())
+        copy._expand = dict(self._expand)
+        copy.embeddings = dict(self.embeddings)
+        for name, ids in names.items():
+            if not name or name in self._vocab or name in self._added:
+                raise JaxdiffError(f"embedding name {name!r} is already a token of the CLIP vocabulary; "
+                                   f"load it under another name (token=...)")
+            # Normalized: matched in lower-cased text, as transformers' add_tokens does for diffusers.
+            copy._rust.add_tokens([AddedToken(name, special=False, normalized=True)])
+            copy._expand[copy._rust.token_to_id(name)] = tuple(int(i) for i in ids)
+            copy.embeddings[name] = tuple(int(i) for i in ids)
+        copy._with_cache = {}
+        if len(self._with_cache) >= 8:  # building a copy costs ~0.1 s; requests reuse the same terms
+            self._with_cache.clear()
+        self._with_cache[key] = copy
+        return copy
+
+    def _expanded(self, ids: list[int]) -> list[int]:
+        expand = self._expand
+        if not expand:
             return ids
-        chars = [_BYTE_CHARS[b] for b in piece.encode("utf-8")]
-        word = chars[:-1] + [chars[-1] + END_OF_WORD]
-        ranks = self._ranks
-        while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, 1 << 62))
-            if best not in ranks:
-                break
-            first, second = best
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        ids = [self._vocab.get(symbol, self.unk_token_id) for symbol in word]
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.clear()
-        self._cache[piece] = ids
-        return ids
-
-    def _split(self, text: str, splitter, then) -> list[int]:
-        """Cuts added tokens out of `text` (their ids) and runs `then` on the text between them."""
-        if splitter is None:
-            return then(text)
-        ids = []
-        for k, part in enumerate(splitter.split(text)):
-            if k % 2:  # re.split with one group: odd items are the matched tokens
-                ids.append(self._added[part][0])
-            elif part:
-                ids.extend(then(part))
-        return ids
-
-    def _text_ids(self, normalized: str) -> list[int]:
-        return [i for piece in pre_tokenize(normalized) for i in self._bpe(piece)]
+        return [j for i in ids for j in expand.get(i, (i,))]
 
     def encode(self, text: str) -> list[int]:
         """One prompt -> its token ids, without <|startoftext|>, <|endoftext|>, truncation or padding."""
-        return self._split(text, self._raw_split,
-                           lambda part: self._split(normalize(part), self._normalized_split, self._text_ids))
+        return self._expanded(self._rust.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts -> their token ids each (as `encode`), in one call into `tokenizers`."""
+        return [self._expanded(e.ids) for e in self._rust.encode_batch(list(texts), add_special_tokens=False)]
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """prompts: one string or a list of B strings -> ids [B, model_max_length] int32."""
@@ -370,20 +317,20 @@ class Tokenizer:
             raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         length = self.model_max_length
         out = np.full((len(prompts), length), self.pad_token_id, np.int32)  # [B, L]
-        for row, prompt in enumerate(prompts):
+        for row, ids in enumerate(self.encode_batch(prompts)):
             # Truncation keeps <|endoftext|> last: at most L - 2 of the prompt's own tokens.
-            ids = [self.bos_token_id, *self.encode(prompt)[:length - 2], self.eos_token_id]
+            ids = [self.bos_token_id, *ids[:length - 2], self.eos_token_id]
             out[row, :len(ids)] = ids
         return out
 
     def save(self, folder: str | os.PathLike) -> None:
         """Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (the layout
-        SD checkpoints ship, read by `from_folder` and by transformers 4 and 5 alike)."""
+        SD checkpoints ship, read by `from_folder` and by transformers 4 and 5 alike). Embedding
+        names are not written: they belong to the embeddings, not to the checkpoint."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        ranked = sorted(self._ranks, key=self._ranks.get)
         (folder / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
-        merges = "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in ranked)]) + "\n"
+        merges = "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in self._merges)]) + "\n"
         (folder / "merges.txt").write_text(merges, encoding="utf-8")
         decoder = {str(index): {"content": content, "lstrip": False, "normalized": token.normalized,
                                 "rstrip": False, "single_word": False, "special": True}
