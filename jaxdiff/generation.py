@@ -29,6 +29,9 @@ from jaxdiff.samplers import initial_latents, sample_steps, sampler_state
 from jaxdiff.samplers.core import Plan
 
 MODES = ("txt2img", "img2img", "inpaint", "inpaint_blend")  # inpaint: 9-channel UNet; blend: 4-channel
+# The program's params: component name -> tree, plus this entry when textual-inversion terms are loaded:
+# encoder name -> float32 [R, D] rows for token ids >= the vocabulary (jaxdiff.prompts.TextualInversions).
+TEXTUAL_INVERSION = "textual_inversion"
 _PLACED_KEEP = 2  # placed param sets a Runner keeps (the current one and, e.g., the one before a swap)
 
 
@@ -65,8 +68,10 @@ class Inputs:
 
     Attributes:
       index: int32 [B] sample index of each row (its noise streams; see jaxdiff.rng).
-      ids: encoder name -> int32 [B, 77] prompt token ids.
-      neg_ids: likewise for the negative prompt (None without guidance or with zero negatives).
+      ids: encoder name -> int32 [B, 77k] prompt token ids, k chunks of 77 (jaxdiff.prompts).
+      weights: encoder name -> float32 [B, 77k] per-token weights (A1111 emphasis; 1 = none).
+      neg_ids, neg_weights: likewise for the negative prompt (None without guidance or with zero
+        negatives).
       time_ids, neg_time_ids: float32 [B, n] SDXL micro-conditioning.
       latents: float32 [B, h, w, C] given unit starting noise.
       image: float32 [B, H, W, 3] init image in [-1, 1].
@@ -74,7 +79,9 @@ class Inputs:
     """
     index: np.ndarray
     ids: dict
+    weights: dict
     neg_ids: Optional[dict] = None
+    neg_weights: Optional[dict] = None
     time_ids: Optional[np.ndarray] = None
     neg_time_ids: Optional[np.ndarray] = None
     latents: Optional[np.ndarray] = None
@@ -123,12 +130,14 @@ def _posterior_sample(m: Models, vae_params, images, key, tag, indices):
 
 def _text_cond(m: Models, spec: Spec, params, inputs: Inputs) -> tuple[jax.Array, dict | None]:
     """(context, added) with [2B] interleaved rows under guidance."""
+    extra = params.get(TEXTUAL_INVERSION)
     if spec.cfg and not spec.zero_negative:
         # Negative and positive prompts through the encoders as one [2B] batch (one traced encoder).
         ids = {k: pair(inputs.neg_ids[k], v) for k, v in inputs.ids.items()}
-        context, pooled = prompts.encode(m.encoders, params, ids, spec.clip_skip)
+        weights = {k: pair(inputs.neg_weights[k], v) for k, v in inputs.weights.items()}
+        context, pooled = prompts.encode(m.encoders, params, ids, spec.clip_skip, weights, extra)
     else:
-        context, pooled = prompts.encode(m.encoders, params, inputs.ids, spec.clip_skip)
+        context, pooled = prompts.encode(m.encoders, params, inputs.ids, spec.clip_skip, inputs.weights, extra)
         if spec.cfg:  # SDXL with no negative prompt: zero negative context and pooled embedding
             context = pair(jnp.zeros_like(context), context)
             pooled = None if pooled is None else pair(jnp.zeros_like(pooled), pooled)
@@ -226,7 +235,7 @@ class Runner:
     def __init__(self, models: Models, mesh):
         self.mesh = mesh
         self.models = models
-        self._placed: list[tuple[tuple, Any, Any]] = []  # (identity key, params, placed), newest last
+        self._placed: dict[str, list[tuple[Any, Any]]] = {}  # component -> [(host tree, placed)], newest last
         self._program = jax.jit(functools.partial(program, models), static_argnums=0,
                                 out_shardings=sharding.batch_sharding(mesh, 1))
         # The same request as three programs, for callers that report progress: prepare, ONE model
@@ -239,15 +248,18 @@ class Runner:
                                out_shardings=sharding.batch_sharding(mesh, 1))
 
     def place(self, params: Mapping[str, Any]) -> dict:
-        """Params replicated on the mesh; the same component trees (by identity) are placed once."""
-        ident = tuple(sorted((name, id(tree)) for name, tree in params.items()))
-        for key, _, placed in self._placed:
-            if key == ident:
-                return placed
-        placed = sharding.shard_params(dict(params), sharding.replicated(self.mesh))
-        # Keep the host trees alive with their placement so the ids cannot be reused by other trees.
-        self._placed = (self._placed + [(ident, dict(params), placed)])[-_PLACED_KEEP:]
-        return placed
+        """Params replicated on the mesh. Each component's tree is placed once per identity (a LoRA
+        swap re-places the UNet only); the last _PLACED_KEEP trees of each component stay placed."""
+        out = {}
+        for name, tree in params.items():
+            kept = self._placed.setdefault(name, [])
+            hit = next((placed for host, placed in kept if host is tree), None)
+            if hit is None:
+                hit = sharding.shard_params(tree, sharding.replicated(self.mesh))
+                # The host tree is kept with its placement, so its identity cannot pass to another tree.
+                self._placed[name] = (kept + [(tree, hit)])[-_PLACED_KEEP:]
+            out[name] = hit
+        return out
 
     def arguments(self, params, inputs: Inputs, plan: Plan, key, guidance) -> tuple[tuple, int]:
         """(the one program's arguments after `spec`, placed on the mesh; the real row count)."""

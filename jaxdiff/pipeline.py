@@ -73,8 +73,10 @@ class Pipeline:
         self.pipeline_class = pipeline_class
         self.options = dict(options or {})
         self.family: ModelFamily = family_of(self.components(), self.scheduler_config)
+        self.embeddings = prompts.TextualInversions.for_pipeline(self)  # textual-inversion terms
         self._programs = programs if programs is not None else generation.Programs(generation.models_of(self))
         self._mesh = None
+        self._ti_tables = None  # (TextualInversions, its tables): rebuilt when the terms change
 
     @classmethod
     def from_parts(cls, networks: Mapping[str, Component], tokenizers: Mapping[str, Any],
@@ -125,9 +127,34 @@ class Pipeline:
         """
         merged = self._checked_params(params)
         comps = {name: c.with_params(merged[name]) for name, c in self.components().items()}
-        return Pipeline(**comps, tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
-                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
-                        options=self.options, programs=self._programs)
+        out = Pipeline(**comps, tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
+                       scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
+                       options=self.options, programs=self._programs)
+        out.embeddings = self.embeddings
+        return out
+
+    def load_textual_inversion(self, path, *, token: str | None = None) -> str:
+        """Adds a textual-inversion embedding (diffusers' name): A1111 `.safetensors` (`emb_params`),
+        diffusers `learned_embeds`, SDXL files with `clip_l` / `clip_g` (both encoders at once).
+        The term is used in prompts by `token` (default: the file stem, as A1111; diffusers files
+        name their own token). Its vectors are program arguments: loading one compiles nothing
+        until the table outgrows its power-of-two size. Returns the token. A file that does not
+        fit raises a one-line JaxdiffError and leaves the pipeline unchanged."""
+        from convert import embeddings as embedding_files
+        embedding = embedding_files.read_embedding(path, token=token)
+        self.embeddings = self.embeddings.add(embedding)
+        return embedding.name
+
+    def program_params(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What the compiled program takes as params: the components' (or `params` over them, checked)
+        plus the textual-inversion table when terms are loaded."""
+        out = self._checked_params(params)
+        if self.embeddings.terms:
+            cached = self._ti_tables
+            if cached is None or cached[0] is not self.embeddings:
+                cached = self._ti_tables = (self.embeddings, self.embeddings.tables())
+            out[generation.TEXTUAL_INVERSION] = cached[1]
+        return out
 
     def _checked_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """`params` over this pipeline's own, checked to fit the compiled programs."""
@@ -188,6 +215,11 @@ class Pipeline:
             images are rows p*N .. p*N+N-1.
           negative_prompt: None, one string, or P strings. None means "" (SDXL base: zero embeddings,
             diffusers' force_zeros_for_empty_prompt).
+          prompt_2, negative_prompt_2: SDXL's second text encoder's texts (diffusers: None = the same as
+            prompt / negative_prompt).
+          prompt_weighting: "a1111" (default: `(word:1.2)`, `[word]`, BREAK, prompts longer than 75
+            tokens in chunks; jaxdiff.prompt_parser) or "none" (diffusers' literal text, truncated at 75
+            tokens with a warning). Textual-inversion terms (`load_textual_inversion`) work in both.
           height, width: image size, multiples of 8 (default: the init image's size, else the UNet's
             sample_size times the VAE factor).
           steps, sampler, schedule, sampler_options: see jaxdiff.samplers.make_plan; schedule=None is the
@@ -224,7 +256,7 @@ class Pipeline:
             raise JaxdiffError(f"gather={gather!r}; expected one of {', '.join(GATHER)}")
         req = requests.build(self, prompt, negative_prompt, **options)
         on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
-        out, n = self.runner(mesh)(req.spec, self._checked_params(params), req.inputs, req.plan, req.key,
+        out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.key,
                                    req.guidance, on_step=on_step)
         return _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
 
@@ -233,7 +265,7 @@ class Pipeline:
         """The one program `pipe(prompt, ...)` runs, lowered (JAX AOT) for these arguments: compile it
         to time compilation or read XLA's cost and memory analysis (jaxdiff.bench does)."""
         req = requests.build(self, prompt, negative_prompt, **options)
-        return self.runner(mesh).lower(req.spec, self._checked_params(params), req.inputs, req.plan,
+        return self.runner(mesh).lower(req.spec, self.program_params(params), req.inputs, req.plan,
                                        req.key, req.guidance)
 
     def generate_batches(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,

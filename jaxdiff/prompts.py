@@ -1,7 +1,7 @@
 """Text conditioning: prompts -> token ids on the host, ids -> UNet context inside the compiled program.
 
-Host side, `tokenize_request` turns a request's prompts into fixed-shape int32 id arrays, one row per
-generated image (prompt p's images are rows p*N .. p*N+N-1, as diffusers' `num_images_per_prompt`).
+Host side, `tokenize_prompts` turns a request's prompts into fixed-shape id and weight arrays, one row
+per generated image (prompt p's images are rows p*N .. p*N+N-1, as diffusers' `num_images_per_prompt`).
 Device side, `encode` is a pure function of (params, ids) traced into the generation program, so text
 encoding is compiled together with sampling and decoding.
 
@@ -84,49 +84,6 @@ def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[st
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise JaxdiffError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
     return prompts
-
-
-def tokenize_request(pipe, prompt, negative_prompt, num_images_per_prompt: int) -> tuple[dict, dict | None, int]:
-    """Token ids for every generated image.
-
-    Args:
-      prompt: a string or a list of P strings.
-      negative_prompt: None, a string (used for every prompt) or a list of P strings.
-      num_images_per_prompt: N images per prompt.
-
-    Returns:
-      (ids, negative_ids, P): ids maps each present encoder name to int32 [P * N, 77];
-      negative_ids likewise, or None when `negative_prompt` is None (the caller decides between "" and
-      zeros). Row r belongs to prompt r // N.
-    """
-    prompts = as_prompt_list(prompt)
-    n_prompts = len(prompts)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = as_prompt_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * n_prompts
-        if len(negatives) != n_prompts:
-            raise JaxdiffError(f"negative_prompt has {len(negatives)} entries but prompt has {n_prompts}; "
-                               f"pass one negative prompt or one per prompt")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise JaxdiffError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-
-    def ids_for(texts):
-        out = {}
-        for name in ENCODERS:
-            if getattr(pipe, name) is None:
-                continue
-            tok = pipe.tokenizer if name == "text_encoder" else pipe.tokenizer_2
-            out[name] = np.repeat(tok(texts), num_images_per_prompt, axis=0)  # [P * N, 77]
-        return out
-
-    return ids_for(prompts), (ids_for(negatives) if negatives is not None else None), n_prompts
-
-
-def empty_ids(pipe, rows: int) -> dict[str, np.ndarray]:
-    """Ids of the empty prompt "" for `rows` images (the default negative prompt)."""
-    return tokenize_request(pipe, [""] * rows, None, 1)[0]
 
 
 def _extra_token_rows(vocab_size: int, table: jax.Array):

@@ -33,7 +33,8 @@ class Request:
 
 
 def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-          height: int | None = None, width: int | None = None, steps: int = 25,
+          prompt_2: str | Sequence[str] | None = None, negative_prompt_2: str | Sequence[str] | None = None,
+          prompt_weighting: str = "a1111", height: int | None = None, width: int | None = None, steps: int = 25,
           sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance_scale: float = 7.5,
           guidance_rescale: float = 0.0, clip_skip: int | None = None, seed: int = 0,
           num_images_per_prompt: int = 1, latents=None, image=None, strength: float | None = None,
@@ -45,10 +46,17 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
           negative_target_size: tuple[int, int] | None = None,
           aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
           sampler_options: Mapping[str, Any] | None = None, return_float: bool = False) -> Request:
-    """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`)."""
+    """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`).
+
+    Text goes through jaxdiff.prompts: A1111 weighting and chunks of 75 tokens by default
+    (`prompt_weighting="none"`: diffusers' literal text, truncated at 75 tokens), the pipeline's
+    textual-inversion terms, SDXL's `prompt_2` / `negative_prompt_2` (diffusers semantics)."""
     family = pipe.family
-    ids, neg_ids, n_prompts = prompts.tokenize_request(pipe, prompt, negative_prompt, num_images_per_prompt)
-    rows = n_prompts * num_images_per_prompt
+    tokenizers = prompts.pipeline_tokenizers(pipe, pipe.embeddings)
+    text = prompts.tokenize_prompts(tokenizers, prompt, negative_prompt, num_images_per_prompt,
+                                    prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                                    prompt_weighting=prompt_weighting, embeddings=pipe.embeddings)
+    rows = text.n_prompts * num_images_per_prompt
     clip_skip = prompts.check_clip_skip(pipe, clip_skip)
     f, c = family.vae_factor, family.latent_channels
 
@@ -88,10 +96,13 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     guided = float(guidance_scale) > 1.0
     if not 0.0 <= float(guidance_rescale) <= 1.0:
         raise JaxdiffError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
-    zero_negative = family.text_time and negative_prompt is None and bool(
+    # diffusers' force_zeros_for_empty_prompt: zeros when no negative prompt at all was given.
+    zero_negative = family.text_time and negative_prompt is None and negative_prompt_2 is None and bool(
         pipe.options.get("force_zeros_for_empty_prompt", family.zero_negative_default))
+    neg_ids, neg_weights = text.negative_ids, text.negative_weights
     if guided and neg_ids is None and not zero_negative:
-        neg_ids = prompts.empty_ids(pipe, rows)
+        neg_ids, neg_weights = prompts.empty_text_inputs(tokenizers, rows, text.chunks)
+    with_negative = guided and not zero_negative
 
     idx = np.arange(rows) if indices is None else np.asarray(indices)
     if idx.shape != (rows,) or not np.issubdtype(idx.dtype, np.integer) or (idx < 0).any():
@@ -107,8 +118,8 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
         latents = np.asarray(latents, np.float32)
         if latents.shape != (rows, h, w, c):
             raise JaxdiffError(f"latents must be [B, h, w, C] = {(rows, h, w, c)} (NHWC), got {latents.shape}")
-    inputs = Inputs(index=idx.astype(np.int32), ids=ids,
-                    neg_ids=neg_ids if guided and not zero_negative else None,
+    inputs = Inputs(index=idx.astype(np.int32), ids=text.ids, weights=text.weights,
+                    neg_ids=neg_ids if with_negative else None, neg_weights=neg_weights if with_negative else None,
                     time_ids=time_ids, neg_time_ids=neg_time_ids, latents=latents,
                     # [-1, 1], as diffusers' VaeImageProcessor.normalize
                     image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows)

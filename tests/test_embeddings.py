@@ -168,6 +168,22 @@ def test_sd1_matches_diffusers(models, tmp_path):
     zw = z * mult[:, None]
     _close(weighted[0], zw * (z.mean() / zw.mean()), "sd1 weighted multi-vector term")
 
+    # Through the whole pipeline: pipe.load_textual_inversion (token = the file stem, as A1111) and an
+    # image within 1/255 of diffusers' with the same start noise.
+    from diffusers import EulerDiscreteScheduler
+    from jaxdiff import rng, sharding
+    from tests import helpers
+    assert pipe.load_textual_inversion(tmp_path / "learned_embeds.safetensors") == "<toy>"
+    assert pipe.load_textual_inversion(tmp_path / "badhands.safetensors") == "badhands"
+    noise = rng.request_noise(2, np.arange(1), (8, 8, 4))["start"]
+    out = pipe(text, "badhands", prompt_weighting="none", height=16, width=16, steps=3, sampler="euler",
+               schedule=None, guidance_scale=5.0, seed=2, mesh=sharding.make_mesh(jax.devices()[:1]))
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, use_karras_sigmas=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(text, negative_prompt="badhands", latents=helpers.nchw(noise), height=16, width=16,
+               num_inference_steps=3, guidance_scale=5.0, output_type="np").images
+    assert np.abs(out.images.astype(np.int16) - np.round(want * 255).astype(np.int16)).max() <= 1
+
 
 def test_sdxl_matches_diffusers_in_both_encoders(models, tmp_path):
     ref, pipe = models["sdxl"]

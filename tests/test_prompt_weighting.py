@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import jaxdiff
-import tiny_pipelines
-from jaxdiff import prompts
+from jaxdiff import prompts, sharding
+from tests import tiny_pipelines
 
 BOS, EOS = 49406, 49407
 RTOL = 1e-5
@@ -248,3 +248,53 @@ def test_weighting_none_equals_diffusers(models, name):
             want, _ = ref.encode_prompt(text, device="cpu", num_images_per_prompt=1,
                                         do_classifier_free_guidance=False)
     close(context[0], want[0].numpy(), name)
+
+
+# ---- through the whole pipeline: jaxdiff's images vs diffusers given the reference embeddings ----
+
+def _image_parity(model, text, runs, negative, neg_runs, *, sdxl=False, prompt_2=None, runs_2=None):
+    """jaxdiff generates from the prompt text; diffusers from `prompt_embeds` computed by the reference
+    rules above (transformers encoders on the same weights) with the same start noise."""
+    import torch
+    from jaxdiff import rng as jrng
+    from tests import helpers
+    ref, pipe, params = model
+    size, steps = 16, 3
+    noise = jrng.request_noise(4, np.arange(1), (size // 2, size // 2, 4))["start"]
+    out = pipe.with_params(params)(text, negative, prompt_2=prompt_2, height=size, width=size, steps=steps,
+                                   sampler="euler", schedule=None, guidance_scale=6.0, seed=4,
+                                   mesh=sharding.make_mesh(jax.devices()[:1]), return_float=True)
+    from diffusers import EulerDiscreteScheduler
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, use_karras_sigmas=False)
+    ref.set_progress_bar_config(disable=True)
+    if sdxl:
+        want_pos, pooled_pos, k = _sdxl_reference(ref, runs, runs_2 or runs)
+        z1, _ = ref_encode(ref.text_encoder, ref_chunks(ref.tokenizer, neg_runs), k, layer=-2)
+        z2, pooled_neg = ref_encode(ref.text_encoder_2, ref_chunks(ref.tokenizer_2, neg_runs), k, layer=-2)
+        want_neg = np.concatenate([z1, z2], axis=-1)
+        extra = dict(pooled_prompt_embeds=torch.from_numpy(pooled_pos[None]),
+                     negative_pooled_prompt_embeds=torch.from_numpy(pooled_neg[None]))
+    else:
+        chunks = ref_chunks(ref.tokenizer, runs)
+        want_pos, _ = ref_encode(ref.text_encoder, chunks, len(chunks), final_norm=True)
+        want_neg, _ = ref_encode(ref.text_encoder, ref_chunks(ref.tokenizer, neg_runs), len(chunks),
+                                 final_norm=True)
+        extra = {}
+    want = ref(prompt_embeds=torch.from_numpy(want_pos[None]), negative_prompt_embeds=torch.from_numpy(want_neg[None]),
+               latents=helpers.nchw(noise), height=size, width=size, num_inference_steps=steps,
+               guidance_scale=6.0, output_type="np", **extra).images
+    assert np.abs(out.images.astype(np.int16) - np.round(want * 255).astype(np.int16)).max() <= 1
+    assert float(np.abs(out.pixels - want).max()) < 1e-4
+
+
+def test_sd1_weighted_long_prompt_image_matches_diffusers(models):
+    text = "a (red:1.5) cat, ((fluffy)) [blurry] " + LONG_120
+    runs = [("a ", 1.0), ("red", 1.5), (" cat, ", 1.0), ("fluffy", 1.21), (" ", 1.0), ("blurry", 1 / 1.1),
+            (" " + LONG_120, 1.0)]
+    _image_parity(models["sd1"], text, runs, "ugly (blurry)", [("ugly ", 1.0), ("blurry", 1.1)])
+
+
+def test_sdxl_prompt_2_weighted_image_matches_diffusers(models):
+    runs_2 = [("oil painting, ", 1.0), ("dramatic", 1.4), (" " + words(80), 1.0)]
+    _image_parity(models["sdxl"], "a cat", [("a cat", 1.0)], "blurry", [("blurry", 1.0)], sdxl=True,
+                  prompt_2="oil painting, (dramatic:1.4) " + words(80), runs_2=runs_2)
