@@ -105,6 +105,16 @@ def register_generate(sub) -> None:
     p.add_argument("--out", metavar="DIR", default="out", help="output folder (default: ./out)")
     p.add_argument("--negative", metavar="TEXT",
                    help="negative prompt (default: none; SDXL then uses zeros, as diffusers does)")
+    p.add_argument("--prompt-2", metavar="TEXT", help="SDXL: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-2", metavar="TEXT",
+                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
+    p.add_argument("--prompt-weighting", choices=("a1111", "none"), default="a1111",
+                   help="a1111 (default): (word:1.2), [word], BREAK, prompts past 75 tokens in chunks; "
+                        "none: the text as is, truncated at 75 tokens (diffusers)")
+    p.add_argument("--embedding", metavar="FILE", action="append", default=[],
+                   help="a textual-inversion file, used in prompts by its file stem (repeatable)")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="every textual-inversion file in DIR, each used by its file stem (A1111)")
     p.add_argument("--height", metavar="H", type=_multiple_of_8,
                    help="pixels, a multiple of 8 (default: the init image's size, else the model's)")
     p.add_argument("--width", metavar="W", type=_multiple_of_8, help="pixels, a multiple of 8")
@@ -209,6 +219,7 @@ def _generate(args) -> None:
         generation.enable_compilation_cache(args.compile_cache)
     pipe = _load(model_path, args.dtype)
     _check_clip_skip(pipe, args.clip_skip)
+    _load_embeddings(pipe, args)
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
@@ -216,13 +227,15 @@ def _generate(args) -> None:
     bar = _ProgressBar(total, args.batch or total, quiet=args.quiet)
     batches = pipe.generate_batches(
         texts, num_images_per_prompt=per_prompt, batch_size=args.batch, negative_prompt=args.negative,
+        prompt_2=args.prompt_2, negative_prompt_2=args.negative_2, prompt_weighting=args.prompt_weighting,
         height=None if init is not None or size is None else size[0],
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
         gather=args.gather, progress=None if args.quiet else bar.on_step)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
-             "CFG rescale": args.guidance_rescale or None}
+             "CFG rescale": args.guidance_rescale or None, "TI hashes": pipe.embeddings.hashes() or None,
+             "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting}
     written = []
     try:
         while (out := _interruptible(next, batches, None)) is not None:
@@ -239,6 +252,19 @@ def _generate(args) -> None:
         bar.close()
     if written:
         print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _load_embeddings(pipe, args) -> None:
+    """--embeddings-dir, then each --embedding (a later file replaces a term of the same name)."""
+    from convert import embeddings as files
+    if args.embeddings_dir is not None:
+        found, skipped = files.read_embeddings_dir(args.embeddings_dir)
+        for path, why in skipped:
+            print(f"jaxdiff: skipped {path}: {why}", file=sys.stderr)
+        for embedding in found:
+            pipe.embeddings = pipe.embeddings.add(embedding)
+    for path in args.embedding:
+        pipe.load_textual_inversion(path)
 
 
 def _check_clip_skip(pipe, n: int) -> None:

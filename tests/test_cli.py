@@ -379,3 +379,38 @@ def test_signal_during_a_long_batch_exits_at_once(tmp_path, sig, code, word):
     assert time.monotonic() - sent < 10, "the signal waited for the batch"
     assert proc.returncode == code and err.strip() == f"jaxdiff: {word}", err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000-0.png"]
+
+
+def test_embedding_matches_the_library(tiny, tmp_path):
+    """--embedding FILE, used in the prompt by its stem: the PNG equals the library's image for the same
+    settings and records the embedding's "TI hashes" as A1111 does. (Weighted prompts are compared
+    with diffusers in test_prompt_weighting.py: this tiny model's final LayerNorm has a zero bias, so
+    A1111's mean-restoring rescale would divide by a mean of about 0 here.)"""
+    import hashlib
+
+    import jax
+    from safetensors.numpy import save_file
+
+    import jaxdiff
+    from jaxdiff import sharding
+    model, env = tiny
+    file = tmp_path / "shiny.safetensors"
+    save_file({"emb_params": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)}, str(file))
+    prompt = "a shiny red panda"
+    out = tmp_path / "out"
+    proc = run_cli("generate", prompt, "--model", model, "--out", out, "--embedding", file, *GEN, env=env)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "00000-7.png") as im:  # image 0 of the 2 (--batch 2 = 2 images per prompt)
+        got, text = np.asarray(im), im.text["parameters"]
+    assert f"TI hashes: \"shiny: {hashlib.sha256(file.read_bytes()).hexdigest()[:12]}\"" in text
+    assert text.startswith(prompt + "\n")
+    pipe = jaxdiff.load(model)
+    kw = dict(height=32, width=32, steps=2, sampler="euler_ancestral", schedule="karras", guidance_scale=5.0,
+              seed=7, mesh=sharding.make_mesh(jax.devices()[:1]))
+    plain = pipe(prompt, "blurry", **kw).images[0]  # "shiny" as an ordinary word
+    assert pipe.load_textual_inversion(file) == "shiny"
+    want = pipe(prompt, "blurry", **kw).images[0]
+    # Not bit-equal: the CLI runs XLA fully optimised on one device, this process with the suite's
+    # reduced optimisation on 8 virtual devices (other float32 summation orders); same image to 1/255.
+    assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
+    assert np.abs(plain.astype(np.int16) - want.astype(np.int16)).max() > 1  # the embedding did something
