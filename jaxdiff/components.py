@@ -86,14 +86,22 @@ class TextEncoder(Component):
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """How one kind of network is built, initialised abstractly and read from upstream files."""
+    """How one kind of network is built, initialised abstractly and read from / written to upstream
+    files: the one place that knows a kind (loading, export and the benchmarks read it)."""
     wrapper: type[Component]
     config_cls: type
     build: Callable[[Any, Any], Any]                   # (config, dtype) -> flax module
     init_args: Callable[[Any], tuple]                  # config -> (args, method) for module.init
     weight_stem: str                                   # upstream file stem in a diffusers folder
+    upstream: tuple[str, ...]                          # class names a checkpoint may declare
+    export_class: Callable[[Any], str]                 # config -> the class name it is written as
     ignore: tuple[str, ...] = ()                       # upstream buffers that are not params
     canonical_keys: Callable[[dict], dict] = dict      # puts upstream key variants in one form
+
+    @property
+    def native(self) -> str:
+        """The kind's name in jaxdiff's native folders (its wrapper class)."""
+        return self.wrapper.__name__
 
     def param_shapes(self, config) -> dict:
         """The param tree as jax.ShapeDtypeStruct leaves, computed without allocating anything.
@@ -208,23 +216,30 @@ def _clip_init(cfg: CLIPTextConfig):
 
 
 UNET = Kind(UNet, UNetConfig, lambda c, d: UNet2DConditionModel(config=c, dtype=d), _unet_init,
-            "diffusion_pytorch_model")
+            "diffusion_pytorch_model", upstream=("UNet2DConditionModel",),
+            export_class=lambda c: "UNet2DConditionModel")
 VAE_KIND = Kind(VAE, VAEConfig, lambda c, d: AutoencoderKL(config=c, dtype=d), _vae_init,
-                "diffusion_pytorch_model")
+                "diffusion_pytorch_model", upstream=("AutoencoderKL",), export_class=lambda c: "AutoencoderKL")
 CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dtype=d), _clip_init,
-            "model", ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
+            "model", upstream=("CLIPTextModel", "CLIPTextModelWithProjection"),
+            export_class=lambda c: "CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel",
+            ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
+ALL_KINDS = (UNET, VAE_KIND, CLIP)
 
 _SHAPES_CACHE: dict = {}  # (Kind, config) -> param tree of jax.ShapeDtypeStruct (see Kind.param_shapes)
 
 # Upstream class names (model_index.json / config.json "_class_name" or "architectures") -> kind.
-KINDS = {
-    "UNet2DConditionModel": UNET,
-    "AutoencoderKL": VAE_KIND,
-    "CLIPTextModel": CLIP,
-    "CLIPTextModelWithProjection": CLIP,
-}
+KINDS = {name: kind for kind in ALL_KINDS for name in kind.upstream}
 # Native folders name kinds by wrapper.
-NATIVE_KINDS = {"UNet": UNET, "VAE": VAE_KIND, "TextEncoder": CLIP}
+NATIVE_KINDS = {kind.native: kind for kind in ALL_KINDS}
+
+
+def kind_of(component: Component) -> Kind:
+    """The Kind a component was built from."""
+    for kind in ALL_KINDS:
+        if isinstance(component, kind.wrapper):
+            return kind
+    raise TypeError(f"{type(component).__name__} is not a network kind jaxdiff knows")
 
 
 def cast_params(params, dtype):

@@ -19,24 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert import export as _export
-from jaxdiff.components import UNet, VAE, TextEncoder, Component
-
-# The stock Stable Diffusion training schedule (v1 / XL model cards), used when a pipeline carries no
-# scheduler config of its own; the class is the one each pipeline family ships with.
-_STOCK_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-                        set_alpha_to_one=False, prediction_type="epsilon", timestep_spacing="leading")
+from jaxdiff.components import Component, kind_of
 
 
 def upstream_class(component: Component) -> str:
     """The diffusers / transformers class a component is exported as."""
-    if isinstance(component, UNet):
-        return "UNet2DConditionModel"
-    if isinstance(component, VAE):
-        return "AutoencoderKL"
-    if isinstance(component, TextEncoder):
-        return "CLIPTextModelWithProjection" if component.config.with_projection else "CLIPTextModel"
-    raise TypeError(f"{type(component).__name__} cannot be exported")
+    return kind_of(component).export_class(component.config)
 
 
 def _part(component: Component) -> dict[str, Any]:
@@ -77,16 +65,16 @@ def export_pipeline(pipe, dst: str | os.PathLike, *, dtype: Any = None, overwrit
     """
     components = {name: _part(c) for name, c in pipe.components().items()}
     pipeline_class = pipe.pipeline_class or (
-        "StableDiffusionXLPipeline" if pipe.is_sdxl else "StableDiffusionPipeline")
+        "StableDiffusionXLPipeline" if pipe.family.is_sdxl else "StableDiffusionPipeline")
     scheduler = pipe.scheduler_config
     if scheduler is None or "_class_name" not in scheduler:
-        default = "EulerDiscreteScheduler" if pipe.is_sdxl else "PNDMScheduler"
-        scheduler = {"_class_name": default, **_STOCK_SCHEDULER, **(scheduler or {})}
+        # The stock training schedule and the scheduler class the family ships with (jaxdiff.family).
+        scheduler = {**pipe.family.default_scheduler_config(), **(scheduler or {})}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = {}
         for name in ("tokenizer", "tokenizer_2"):
             tok = getattr(pipe, name, None)
-            if tok is not None and (name == "tokenizer" or pipe.is_sdxl):
+            if tok is not None and (name == "tokenizer" or pipe.family.is_sdxl):
                 tok.save(Path(tmp) / name)
                 tokenizers[name] = Path(tmp) / name
         _export.export_diffusers_folder(dst, components, pipeline_class=pipeline_class,

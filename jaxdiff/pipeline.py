@@ -103,10 +103,6 @@ class Pipeline:
         return cls(**networks, **tokenizers, scheduler_config=scheduler_config,
                    pipeline_class=pipeline_class, options=options)
 
-    @property
-    def is_sdxl(self) -> bool:
-        return self.family.is_sdxl
-
     def components(self) -> dict[str, Component]:
         """The networks present, by their diffusers names."""
         return {name: c for name in ("text_encoder", "text_encoder_2", "unet", "vae")
