@@ -135,6 +135,19 @@ def test_cudnn_matches_reference(lq, lk, causal):
     assert _rel_err(got, want) < 2e-2
 
 
+@pytest.mark.skipif(BACKEND != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("lq,lk,causal", [(4096, 77, False), (77, 77, True), (1024, 1024, False)])
+def test_cudnn_gradient_matches_reference(lq, lk, causal):
+    """Issue 26's crash: jax.grad through cuDNN with 77 keys (cross-attention) / 77 causal tokens."""
+    q, k, v = _qkv(2, lq, lk, 8, 64, dtype=jnp.bfloat16)
+    loss = lambda impl: lambda q, k, v: jnp.sum(
+        attention(q, k, v, heads=8, causal=causal, implementation=impl).astype(jnp.float32) ** 2)
+    got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(got, want):
+        assert _rel_err(g, r) < 5e-2
+
+
 @pytest.mark.skipif(BACKEND != "tpu", reason="splash attention needs a TPU")
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("lq,lk,causal", [(4096, 4096, False), (1000, 77, False), (300, 300, True)])
@@ -244,3 +257,25 @@ def test_cudnn_padded_path_matches_reference(lq, lk, causal):
     infer_jaxpr = str(jax.make_jaxpr(kernel)(q, k, v)).replace(" ", "")
     if lk % 2:
         assert padded in grad_jaxpr and padded not in infer_jaxpr
+
+
+def test_splash_under_ambient_mesh_is_shard_mapped():
+    """Issue 17: under `jax.set_mesh` of 8 devices the splash kernel runs per device (shard_map, batch
+    split over ("data", "fsdp"), heads whole): same values as "xla", output split along the batch."""
+    from jaxdiff import sharding
+
+    mesh = sharding.make_mesh(fsdp=2)                              # 4 x 2 over the 8 virtual CPUs
+    b, length, heads, dim = 8, 150, 2, 40
+    q, k, v = _qkv(b, length, length, heads, dim, seed=11)
+    want = attention(q, k, v, heads=heads, implementation="xla")
+    split = lambda t: t.reshape(b, length, heads, dim)
+    fn = jax.jit(lambda q, k, v: attn_mod._splash_attention(split(q), split(k), split(v), upcast=False,
+                                                            causal=False, interpret=True))
+    placed = jax.device_put((q, k, v), sharding.batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
+        got = fn(*placed)
+    assert _rel_err(got.reshape(want.shape), want) < 1e-5
+    assert got.sharding.spec[0] == sharding.BATCH_AXES and got.sharding.mesh.shape == mesh.shape
+    # without a mesh: the plain call, no shard_map
+    assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v))

@@ -312,10 +312,39 @@ def _cudnn_differentiable_bwd(causal: bool, implementation: str, pullback, g):
 _cudnn_differentiable.defvjp(_cudnn_differentiable_fwd, _cudnn_differentiable_bwd)
 
 
+def _ambient_batch_axes(batch: int):
+    """(mesh, axis names) to split a batch of `batch` rows over: every axis of the ambient mesh
+    (`jax.set_mesh`; jaxdiff's meshes split batches over all their axes, ("data", "fsdp")), or
+    (None, ()) without a mesh or when the rows do not divide evenly (then the plain call runs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return None, ()
+    return mesh, tuple(mesh.axis_names)
+
+
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
                       interpret: bool = False) -> jax.Array:
-    """Pallas TPU splash attention. `interpret=True` runs the kernel in the Pallas interpreter (any
-    backend), which is how the padding and masking here are tested without a TPU."""
+    """Pallas TPU splash attention, per device under the ambient mesh.
+
+    A Pallas kernel is one device's program: XLA cannot partition it, so under a mesh the call is
+    wrapped in `jax.shard_map` with the batch split over the mesh axes and the heads whole on each
+    device; without a mesh it is the plain call. Models never see the mesh. `interpret=True` runs
+    the kernel in the Pallas interpreter (any backend), which is how the padding, masking and
+    sharding here are tested without a TPU.
+    """
+    mesh, axes = _ambient_batch_axes(q.shape[0])
+    local = functools.partial(_splash_local, upcast=upcast, causal=causal, interpret=interpret)
+    if mesh is None:
+        return local(q, k, v)
+    spec = jax.sharding.PartitionSpec(axes)
+    # check_vma=False: pallas_call's outputs carry no varying-manual-axes type to check.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
+                  interpret: bool) -> jax.Array:
+    """The splash kernel on one device's rows: [B, Lq, H, D], [B, Lk, H, D] x2 -> [B, Lq, H, D]."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     del upcast   # the kernel accumulates scores and softmax in float32
