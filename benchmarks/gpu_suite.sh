@@ -125,6 +125,29 @@ TRAIN=(python3 benchmarks/train_bench.py --preset "$MSD2" --resolution "$S15" --
        --dtype bfloat16 --warmup 2 --steps "$REP" --machine "$(head -1 "$WORK/gpu.txt")")
 COMPARE=(python3 benchmarks/compare_torch.py --dtype bfloat16 --compile-cache "$CACHE")
 
+# The cuDNN dispatch fix itself (issue 26): gradients through "cudnn" attention at SD's cross- and
+# self-attention shapes against "xla", before the training run that needs them.
+part cudnn_grad_check 60 -- python3 -c '
+import json, sys, jax, jax.numpy as jnp, numpy as np
+from jaxdiff.models.attention import attention
+res = {"backend": jax.default_backend()}
+for lq, lk, heads, causal in [(4096, 77, 5, False), (4096, 4096, 5, False), (77, 77, 12, True)]:
+    key = f"{lq}x{lk}" + (" causal" if causal else "")
+    try:
+        q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((2, n, heads * 64)), jnp.bfloat16)
+                   for i, n in enumerate((lq, lk, lk)))
+        loss = lambda impl: lambda q, k, v: jnp.sum(attention(q, k, v, heads=heads, causal=causal,
+                                                              implementation=impl).astype(jnp.float32) ** 2)
+        got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+        err = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) /
+                     jnp.max(jnp.abs(w.astype(jnp.float32)))) for g, w in zip(got, want)]
+        res[key] = {"max_rel_err_dq_dk_dv": err}
+    except Exception as e:
+        res[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+json.dump(res, open(sys.argv[1], "w"), indent=1)
+print(res)
+' "$WORK/cudnn_grad_check.json"
 # (c) SD2 512^2 training, cached latents, bf16, batch 16: the step that crashed in cuDNN's backward.
 # Falls back to XLA attention for a number if the cuDNN path still fails.
 if ! part train_b16 170 XLA_PYTHON_CLIENT_MEM_FRACTION=.92 -- \

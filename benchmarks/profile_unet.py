@@ -57,7 +57,9 @@ def summarise_trace(path: Path, top: int = 30) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {pid for pid, n in names.items() if re.search(r"/device:(GPU|TPU)", n)}
+    device_pids = {pid for pid, n in names.items() if re.search(r"(?i)/device:(gpu|tpu)|\bgpu:\d", n)}
+    if not any(e.get("ph") == "X" and e.get("pid") in device_pids for e in events):
+        device_pids = set()
     # Host fallback: XLA:CPU op events (thunks) live in the host process.
     source = "device tracks" if device_pids else "host tracks"
     spans = collections.defaultdict(list)              # (pid, tid) -> [(start, dur, name)]
