@@ -13,7 +13,8 @@
 # diffusers (and any of its pure-python deps the machine lacks) is installed from the wheel folder
 # .whl/ at the repo root into /tmp/site. Environment: GPU_SUITE_BUDGET_S (seconds for all parts;
 # default 440, tiny 1500), GPU_SUITE_WORK (scratch folder, default /tmp/gpu_suite),
-# GPU_SUITE_TORCH_COMPILE=0/1 (the torch.compile part; default on, off with --tiny).
+# GPU_SUITE_TORCH_COMPILE=0/1 (the torch.compile part; default on, off with --tiny), GPU_SUITE_SKIP="name
+# ..." (parts not to run, e.g. on a second run for the ones the budget left out).
 # Every part runs under `timeout` (its own cap, never past the budget); a part that fails or is cut
 # off costs only itself. Parts run in priority order and are skipped once the budget is spent.
 set -u
@@ -69,22 +70,28 @@ part() {  # part NAME CAP_S ENV... -- CMD...: run under timeout, record, collect
   local envs=()
   while [[ $# -gt 0 && "$1" != "--" ]]; do envs+=("$1"); shift; done
   shift
+  local cmd="$*"
+  cmd=${cmd//$'\n'/ }; cmd=${cmd//$'\t'/ }        # one TSV field (the inline Python check is multi-line)
   local left=$(( BUDGET - (SECONDS - START) ))
-  if (( left < 25 )); then
-    log "skip $name: $left s of the budget left"
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" -1 0 0 "skipped (budget): $*" >> "$WORK/parts.tsv"
+  if [[ " ${GPU_SUITE_SKIP:-} " == *" $name "* ]] || (( left < 25 )); then
+    log "skip $name: in GPU_SUITE_SKIP or $left s of the budget left"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" -1 0 0 "skipped: $cmd" >> "$WORK/parts.tsv"
     collect
-    return 1
+    return 200
   fi
   (( cap > left )) && cap=$left
-  log "start $name (cap ${cap}s): $*"
+  log "start $name (cap ${cap}s): ${cmd:0:300}"
   local t0=$SECONDS
   env "${envs[@]}" timeout -k 10 "$cap" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   log "end $name: rc $rc after $((SECONDS - t0)) s"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$cap" "$*" >> "$WORK/parts.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$cap" "$cmd" >> "$WORK/parts.tsv"
   collect
   return $rc
+}
+
+crashed() {  # exit status of `part` -> true when the command itself failed (not skipped, not cut off)
+  (( $1 != 0 && $1 != 200 && $1 != 124 && $1 != 137 ))
 }
 
 # ----------------------------------------------------------------------------- setup: diffusers, GPU
@@ -122,7 +129,7 @@ else
 fi
 BENCH=(python3 -m jaxdiff bench --dtype bfloat16 --compile-cache "$CACHE")
 TRAIN=(python3 benchmarks/train_bench.py --preset "$MSD2" --resolution "$S15" --cached-latents
-       --dtype bfloat16 --warmup 2 --steps "$REP" --machine "$(head -1 "$WORK/gpu.txt")")
+       --dtype bfloat16 --warmup 2 --steps 5 --machine "$(head -1 "$WORK/gpu.txt")")
 COMPARE=(python3 benchmarks/compare_torch.py --dtype bfloat16 --compile-cache "$CACHE")
 
 # The cuDNN dispatch fix itself (issue 26): gradients through "cudnn" attention at SD's cross- and
@@ -150,30 +157,30 @@ print(res)
 ' "$WORK/cudnn_grad_check.json"
 # (c) SD2 512^2 training, cached latents, bf16, batch 16: the step that crashed in cuDNN's backward.
 # Falls back to XLA attention for a number if the cuDNN path still fails.
-if ! part train_b16 170 XLA_PYTHON_CLIENT_MEM_FRACTION=.92 -- \
-    "${TRAIN[@]}" --batch "$B16" --out "$WORK/train_b16.json"; then
+part train_b16 170 XLA_PYTHON_CLIENT_MEM_FRACTION=.92 -- "${TRAIN[@]}" --batch "$B16" --out "$WORK/train_b16.json"
+if crashed $?; then
   part train_b16_xla_attention 120 XLA_PYTHON_CLIENT_MEM_FRACTION=.92 -- \
     "${TRAIN[@]}" --batch "$B16" --attention xla --out "$WORK/train_b16_xla_attention.json"
 fi
 # (a)+(b) UNet: jaxdiff's bench record (cold and cache-served compile, steady time, MFU) and PyTorch
 # eager on the same GPU, same weights and inputs, alternating call by call.
 part unet_sd15_vs_torch 130 -- "${COMPARE[@]}" --model "$M15" --what unet --batch "$B2,$B16" --size "$S15" \
-  --warmup 3 --repeats "$REP" --json "$WORK/unet_sd15_vs_torch.json" \
-  || part unet_sd15 100 -- "${BENCH[@]}" --model "$M15" --what unet --batch "$B2,$B16" --size "$S15" \
+  --warmup 3 --repeats "$REP" --json "$WORK/unet_sd15_vs_torch.json"
+crashed $? && part unet_sd15 100 -- "${BENCH[@]}" --model "$M15" --what unet --batch "$B2,$B16" --size "$S15" \
        --warmup 3 --repeats "$REP" --json "$WORK/unet_sd15.json"
-part unet_sdxl_vs_torch 150 -- "${COMPARE[@]}" --model "$MXL" --what unet --batch "$B2" --size "$SXL" \
-  --warmup 3 --repeats "$REP" --json "$WORK/unet_sdxl_vs_torch.json" \
-  || part unet_sdxl 110 -- "${BENCH[@]}" --model "$MXL" --what unet --batch "$B2" --size "$SXL" \
-       --warmup 3 --repeats "$REP" --json "$WORK/unet_sdxl.json"
-# (a) pipelines: SD1.5 1 image, SDXL 4 images, 20 Euler steps with CFG.
-part pipeline_sd15 100 -- "${BENCH[@]}" --model "$M15" --what pipeline --batch 1 --size "$S15" --steps "$STEPS" \
-  --warmup 1 --repeats "$PIPE_REP" --json "$WORK/pipeline_sd15.json"
-part pipeline_sdxl 140 -- "${BENCH[@]}" --model "$MXL" --what pipeline --batch 4 --size "$SXL" --steps "$STEPS" \
-  --warmup 1 --repeats "$PIPE_REP" --json "$WORK/pipeline_sdxl.json"
 # (d) where the time goes: a profiler trace of SD1.5 UNet batch-16 calls, summarised by kernel.
 part profile_unet_sd15 90 -- python3 benchmarks/profile_unet.py --preset "$M15" --batch "$B16" --size "$S15" \
   --dtype bfloat16 --calls 3 --trace-dir "$WORK/trace" --json "$WORK/profile_unet_sd15.json" \
   --keep-trace "$OUT/trace.json.gz" --max-trace-mb 15
+part unet_sdxl_vs_torch 150 -- "${COMPARE[@]}" --model "$MXL" --what unet --batch "$B2" --size "$SXL" \
+  --warmup 3 --repeats "$REP" --json "$WORK/unet_sdxl_vs_torch.json"
+crashed $? && part unet_sdxl 110 -- "${BENCH[@]}" --model "$MXL" --what unet --batch "$B2" --size "$SXL" \
+       --warmup 3 --repeats "$REP" --json "$WORK/unet_sdxl.json"
+# (a) pipelines: SD1.5 1 image, SDXL 4 images, 20 Euler steps with CFG (last: issue 26 has measured them).
+part pipeline_sd15 100 -- "${BENCH[@]}" --model "$M15" --what pipeline --batch 1 --size "$S15" --steps "$STEPS" \
+  --warmup 1 --repeats "$PIPE_REP" --json "$WORK/pipeline_sd15.json"
+part pipeline_sdxl 140 -- "${BENCH[@]}" --model "$MXL" --what pipeline --batch 4 --size "$SXL" --steps "$STEPS" \
+  --warmup 1 --repeats "$PIPE_REP" --json "$WORK/pipeline_sdxl.json"
 # If time is left: training at batch 32, and torch.compile on the SD1.5 UNet (JAX served by the cache).
 part train_b32 150 XLA_PYTHON_CLIENT_MEM_FRACTION=.92 -- "${TRAIN[@]}" --batch "$B32" --out "$WORK/train_b32.json"
 if (( TORCH_COMPILE )); then
