@@ -9,6 +9,10 @@ init; their state dicts are converted to jaxdiff params with convert/diffusers_l
 run the very same weights. For a model folder both sides read its files. PyTorch runs in the same dtype
 with SDPA attention (diffusers' default AttnProcessor2_0, transformers' attn_implementation="sdpa"),
 under `torch.inference_mode()`, timed like the JAX side: warm-up calls, then min-of-N with device sync.
+`--torch-device auto` (the default) runs PyTorch on the GPU when torch sees one (`cuda`), else on the CPU;
+`--torch-compile` times `torch.compile(unet)` (default mode) instead of eager, its first call (the compile)
+recorded apart as `torch.first_call_s`. On a GPU both frameworks share its memory: JAX is told to take at
+most XLA_PYTHON_CLIENT_MEM_FRACTION (set to .45 here unless already set) instead of its default 75%.
 The two sides alternate call by call (one JAX call, one PyTorch call, ...), so a slow spell of a shared
 machine falls on both about alike; the 1-minute load average is recorded with every case.
 
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +40,19 @@ from jaxdiff import bench  # noqa: E402
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def torch_models(model: str, dtype: str) -> dict:
-    """diffusers / transformers modules for a preset (random init) or a model folder, eval mode."""
+def torch_device(choice: str) -> str:
+    """'cpu' or 'cuda' for --torch-device auto|cpu|cuda; cuda asked for but absent is a usage error."""
+    import torch
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--torch-device cuda: torch sees no CUDA device (use auto or cpu)")
+    return choice
+
+
+def torch_models(model: str, dtype: str, device: str = "cpu") -> dict:
+    """diffusers / transformers modules for a preset (random init, made on `device`: initialising SDXL's
+    2.6 B parameters on a GPU takes a second, on the CPU most of a minute) or a model folder, eval mode."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -45,15 +62,16 @@ def torch_models(model: str, dtype: str) -> dict:
         nets = {}
         for name, cfg in bench.preset_configs(model).items():
             fields = dataclasses.asdict(cfg)
-            if name == "unet":
-                nets[name] = UNet2DConditionModel(**fields)
-            elif name == "vae":
-                nets[name] = AutoencoderKL(**{k: v for k, v in upstream_config("AutoencoderKL", fields).items()
-                                              if not k.startswith("_")})
-            else:
-                hf = HFCLIPTextConfig(**{k: v for k, v in fields.items() if k != "with_projection"},
-                                      attn_implementation="sdpa")
-                nets[name] = (CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel)(hf)
+            with torch.device(device):
+                if name == "unet":
+                    nets[name] = UNet2DConditionModel(**fields)
+                elif name == "vae":
+                    nets[name] = AutoencoderKL(**{k: v for k, v in upstream_config("AutoencoderKL", fields).items()
+                                                  if not k.startswith("_")})
+                else:
+                    hf = HFCLIPTextConfig(**{k: v for k, v in fields.items() if k != "with_projection"},
+                                          attn_implementation="sdpa")
+                    nets[name] = (CLIPTextModelWithProjection if cfg.with_projection else CLIPTextModel)(hf)
     else:
         root = Path(model)
         nets = {"unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
@@ -62,7 +80,7 @@ def torch_models(model: str, dtype: str) -> dict:
             if (root / name).is_dir():
                 cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
                 nets[name] = cls.from_pretrained(root, subfolder=name, attn_implementation="sdpa")
-    return {k: v.to(tdtype).eval() for k, v in nets.items()}
+    return {k: v.to(device, tdtype).eval() for k, v in nets.items()}
 
 
 def convert_params(nets: dict, configs: dict) -> dict:
@@ -74,7 +92,7 @@ def convert_params(nets: dict, configs: dict) -> dict:
     params = {}
     for name, net in nets.items():
         kind = kinds[name]
-        tensors = kind.canonical_keys({k: v.detach().float().numpy() for k, v in net.state_dict().items()})
+        tensors = kind.canonical_keys({k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()})
         params[name] = convert_state_dict(tensors, kind.param_shapes(configs[name]), source=f"torch {name}",
                                           ignore=kind.ignore)
     return params
@@ -83,8 +101,9 @@ def convert_params(nets: dict, configs: dict) -> dict:
 def torch_call(nets: dict, case: bench.Case, inputs: dict, pipe_torch=None):
     """A zero-argument function running the case once in PyTorch (NCHW), and its device sync."""
     import torch
-    dev_dtype = next(nets["unet"].parameters()).dtype
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    first = next(nets["unet"].parameters())
+    dev_dtype = first.dtype
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(first.device)
     nchw = lambda a: t(a).permute(0, 3, 1, 2).contiguous().to(dev_dtype)
     if case.what == "unet":
         x, ts, ctx = nchw(inputs["x"]), t(inputs["t"]), t(inputs["context"]).to(dev_dtype)
@@ -143,22 +162,45 @@ def synced(fn):
 
 def compare(args, log=lambda msg: None) -> dict:
     """Runs every case on both sides; returns the report (jaxdiff's, each result with .torch and .ratio)."""
-    import diffusers
     import torch
+    device = torch_device(getattr(args, "torch_device", "auto"))
+    if device == "cuda":
+        # Read when JAX first opens the GPU (after this): leave PyTorch room beside it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".45")
+    import diffusers
     import transformers
     cases = bench.check_args(args)
     bench.check_attention(args.attention)
-    log(f"building {args.model} in PyTorch ({args.dtype})")
-    nets = torch_models(args.model, args.dtype)
+    log(f"building {args.model} in PyTorch ({args.dtype}, {device})")
+    nets = torch_models(args.model, args.dtype, device)
     params = convert_params(nets, bench.preset_configs(args.model)) if args.model in bench.PRESETS else None
     pipe = bench.build_pipeline(args.model, dtype=args.dtype, attention=args.attention, params=params)
     del params
     cases = bench.resolve_cases(cases, pipe)
     pipe_torch = torch_pipeline(nets, args.model, args.sampler) if any(c.what == "pipeline" for c in cases) else None
+    if getattr(args, "torch_compile", False):
+        # Default mode (no CUDA graphs: they would need static inputs per case); the UNet is where the time is.
+        nets["unet"] = torch.compile(nets["unet"])
+        if pipe_torch is not None:
+            pipe_torch.unet = nets["unet"]
     torch_side = lambda case: synced(torch_call(
         nets, case, bench.component_inputs(pipe, case, args.seed) if case.what != "pipeline" else None, pipe_torch))
     report = None
     for case in cases:
+        first_call_s, compile_calls_s = None, []
+        if getattr(args, "torch_compile", False):
+            # The first call compiles (per input shape); the next few can still be slow (measured on
+            # the CPU: 25, 19, 6.8, then 0.12 s), so calls repeat until two agree within 20%, apart from
+            # bench's warm-up.
+            call = torch_side(case)
+            for _ in range(6):
+                start = time.perf_counter()
+                call()
+                compile_calls_s.append(time.perf_counter() - start)
+                if len(compile_calls_s) >= 2 and compile_calls_s[-2] <= 1.2 * compile_calls_s[-1]:
+                    break
+            first_call_s = compile_calls_s[0]
+            log(f"  torch.compile calls before timing: {', '.join(f'{t:.2f}' for t in compile_calls_s)} s")
         # Both sides alternate call by call (warm-up and timed calls): see bench._time_calls.
         one = bench.run(args.model, [case], dtype=args.dtype, attention=args.attention, devices=args.devices,
                         fsdp=args.fsdp, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
@@ -170,7 +212,10 @@ def compare(args, log=lambda msg: None) -> dict:
         calls = case.steps if case.what == "pipeline" else 1
         record["torch"] = {"steady_s": steady, "steady_median_s": float(np.median(times)), "times_s": times,
                            "it_per_s": calls / steady, "images_per_s": case.batch / steady,
-                           "attention": "sdpa", "threads": torch.get_num_threads()}
+                           "attention": "sdpa", "threads": torch.get_num_threads(), "device": device,
+                           "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                           "compiled": bool(getattr(args, "torch_compile", False)), "first_call_s": first_call_s,
+                           "compile_calls_s": compile_calls_s}
         # Per pair: call i of each side ran back to back, so their ratio sees one machine state.
         paired = [t / j for t, j in zip(times, record["times_s"])]
         record["ratio"] = {"speedup": steady / record["steady_s"],
@@ -202,6 +247,10 @@ def main(argv=None) -> int:
     from jaxdiff.cli import UsageError, _Parser
     parser = _Parser(prog="compare_torch.py", description=__doc__.split("\n\n")[0])
     bench.add_arguments(parser)
+    parser.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where PyTorch runs (default auto: cuda when torch sees a GPU, else cpu)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="time torch.compile(unet) instead of eager (first call recorded apart)")
     args = parser.parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:

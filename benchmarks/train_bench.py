@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cached-latents", action="store_true", help="VAE moments in the batch, no VAE in the step")
     p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    from jaxdiff.models.attention import IMPLEMENTATIONS
+    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                   help="UNet attention kernel (jaxdiff.models.attention; default auto: per backend and shape)")
     p.add_argument("--devices", type=int, default=None, help="first N devices (default: all)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -110,7 +113,10 @@ def build(args):
         vae = components.VAE_KIND.build(vcfg, dtype)
         params["vae"] = to_device(bench.random_params(components.VAE_KIND.param_shapes(vcfg), seed=1))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["unet"]))
-    models = Models(unet=components.UNET.build(ucfg, dtype), params=params,
+    unet = components.UNET.build(ucfg, dtype)
+    if args.attention != "auto":
+        unet = unet.clone(attention_implementation=args.attention)
+    models = Models(unet=unet, params=params,
                     scheduler=schedules.SchedulerConfig(), vae=vae, scaling_factor=float(vcfg.scaling_factor))
     cfg = TrainConfig(batch_size=args.batch, compute_dtype=args.dtype, remat=args.remat,
                       optim=OptimConfig(optimizer=args.optimizer, lr=1e-5))
@@ -157,7 +163,7 @@ def measure(trainer, host_batch, *, warmup: int, steps: int) -> dict:
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch, trainer.frozen, trainer.tables)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))   # the whole update, not just the loss
         dt = time.perf_counter() - t0
         m = jax.device_get(metrics)
         losses.append(float(m["loss"]))
@@ -191,6 +197,7 @@ def run(args, argv: list[str]) -> dict:
                    "latent": info["latent"], "batch": args.batch, "remat": args.remat,
                    "cached_latents": args.cached_latents, "optimizer": args.optimizer,
                    "compute_dtype": args.dtype, "param_dtype": "float32", "devices": n_dev,
+                   "attention": args.attention,
                    "unet_params": info["unet_params"], "trained": "unet", "ema": False,
                    "warmup": args.warmup, "steps": args.steps},
         "setup_s": setup_s,

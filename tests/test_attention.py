@@ -135,6 +135,19 @@ def test_cudnn_matches_reference(lq, lk, causal):
     assert _rel_err(got, want) < 2e-2
 
 
+@pytest.mark.skipif(BACKEND != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("lq,lk,causal", [(4096, 77, False), (77, 77, True), (1024, 1024, False)])
+def test_cudnn_gradient_matches_reference(lq, lk, causal):
+    """Issue 26's crash: jax.grad through cuDNN with 77 keys (cross-attention) / 77 causal tokens."""
+    q, k, v = _qkv(2, lq, lk, 8, 64, dtype=jnp.bfloat16)
+    loss = lambda impl: lambda q, k, v: jnp.sum(
+        attention(q, k, v, heads=8, causal=causal, implementation=impl).astype(jnp.float32) ** 2)
+    got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(got, want):
+        assert _rel_err(g, r) < 5e-2
+
+
 @pytest.mark.skipif(BACKEND != "tpu", reason="splash attention needs a TPU")
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("lq,lk,causal", [(4096, 4096, False), (1000, 77, False), (300, 300, True)])
@@ -143,3 +156,126 @@ def test_splash_matches_reference(lq, lk, causal, dtype, tol):
     want = attention(q, k, v, heads=8, causal=causal, implementation="xla")
     got = jax.jit(lambda q, k, v: attention(q, k, v, heads=8, causal=causal, implementation="splash"))(q, k, v)
     assert _rel_err(got, want) < tol
+
+
+# ------------------------------------------------------------------ cuDNN dispatch (issue 26), on CPU
+def _sd_attention_shapes():
+    """(q_len, k_len, head_dim, causal) of every attention in SD1 / SD2 / SDXL at 512, 768, 1024 px:
+    UNet self- and cross-attention (77 text tokens) and the CLIP text encoders' causal self-attention."""
+    shapes = {(77, 77, 64, True)}                        # CLIP ViT-L, OpenCLIP ViT-H / bigG: 64-wide heads
+    for px in (512, 768, 1024):
+        side = px // 8                                   # latent side
+        levels = {"sd1": [(0, 40), (1, 80), (2, 160)],   # 8 heads over 320 / 640 / 1280 channels
+                  "sd2": [(0, 64), (1, 64), (2, 64)],    # 64-wide heads
+                  "sdxl": [(1, 64), (2, 64)]}            # no attention at full resolution
+        for family in levels.values():
+            for level, head_dim in family:
+                tokens = (side >> level) ** 2
+                shapes |= {(tokens, tokens, head_dim, False), (tokens, 77, head_dim, False)}
+    return sorted(shapes)
+
+
+SD_SHAPES = _sd_attention_shapes()
+
+
+def _jax_cudnn_check(monkeypatch, q_len, k_len, head_dim, *, training, hopper, dtype=jnp.bfloat16):
+    """True iff JAX's own cuDNN checks accept the shapes, as `jax.nn.dot_product_attention` calls them
+    (a placeholder bias under differentiation; see attention.py), on a pre-Hopper or Hopper GPU."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    monkeypatch.setattr(fa, "check_compute_capability", lambda cap: hopper and float(cap) <= 9.0)
+    monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda cap: False)
+    s = lambda n: jax.ShapeDtypeStruct((2, n, 8, head_dim), dtype)
+    q, k = s(q_len), s(k_len)
+    try:
+        fa.check_layout(q, k, k, None, None, None, None, None, None, None, fa.AttentionLayout.BTNH)
+        fa.check_is_flash_attention(q, k, k, fa.AttentionLayout.BTNH.value, 90100, has_bias=training,
+                                    is_training=training)
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("hopper", [False, True])
+def test_cudnn_mirror_matches_jax_checks(monkeypatch, hopper):
+    """`cudnn_flash_supported` says what JAX's checks say, on every SD shape and on odd / float cases."""
+    max_head_dim = 256 if hopper else 128
+    cases = [(q, k, d, jnp.bfloat16) for q, k, d, _ in SD_SHAPES]
+    cases += [(77, 77, 64, jnp.float16), (4096, 77, 64, jnp.float32), (4096, 4096, 20, jnp.bfloat16),
+              (4096, 4096, 264, jnp.bfloat16), (4096, 78, 40, jnp.bfloat16), (99, 64, 64, jnp.bfloat16)]
+    for q_len, k_len, head_dim, dtype in cases:
+        for training in (False, True):
+            want = _jax_cudnn_check(monkeypatch, q_len, k_len, head_dim, training=training, hopper=hopper,
+                                    dtype=dtype)
+            got = attn_mod.cudnn_flash_supported(dtype, q_len, k_len, head_dim, max_head_dim=max_head_dim,
+                                                 training=training)
+            assert got == want, (q_len, k_len, head_dim, dtype, training)
+
+
+@pytest.mark.parametrize("hopper", [False, True])
+def test_auto_never_picks_cudnn_for_shapes_it_cannot_run(monkeypatch, hopper):
+    """Issue 26: for every SD shape "auto" on a GPU picks cuDNN only where JAX's checks accept what the
+    kernel sends, for inference (as is) and training (padded); and it does pick cuDNN for every head
+    width the GPU's flash kernel takes, including 77-key cross-attention that training used to crash."""
+    max_head_dim = 256 if hopper else 128
+    for q_len, k_len, head_dim, _ in SD_SHAPES:
+        chosen = choose_implementation("gpu", jnp.bfloat16, q_len, k_len, head_dim,
+                                       cudnn_max_head_dim=max_head_dim)
+        assert chosen == ("cudnn" if head_dim <= max_head_dim else "xla"), (q_len, k_len, head_dim)
+        if chosen == "cudnn":
+            assert _jax_cudnn_check(monkeypatch, q_len, k_len, head_dim, training=False, hopper=hopper)
+            lq, lk = attn_mod.cudnn_training_lengths(q_len, k_len)
+            assert _jax_cudnn_check(monkeypatch, lq, lk, head_dim, training=True, hopper=hopper)
+            # ... while the unpadded cross-attention is what JAX refuses under jax.grad
+            if k_len == 77:
+                assert not _jax_cudnn_check(monkeypatch, q_len, k_len, head_dim, training=True, hopper=hopper)
+
+
+@pytest.mark.parametrize("lq,lk,causal", [(96, 77, False), (77, 77, True), (64, 64, False)])
+def test_cudnn_padded_path_matches_reference(lq, lk, causal):
+    """The cuDNN kernel's calls (inference as is, training padded to 128 with a sequence-length mask)
+    run through `jax.nn.dot_product_attention`'s XLA path on CPU: values and gradients equal "xla"'s."""
+    heads, dim = 2, 8
+    q, k, v = _qkv(2, lq, lk, heads, dim, seed=7)
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, dim)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((2, lq, heads * dim)), jnp.float32)
+
+    def kernel(q, k, v):
+        out = attn_mod._cudnn_attention(split(q), split(k), split(v), upcast=False, causal=causal,
+                                        implementation="xla")
+        return out.reshape(q.shape)
+
+    reference = lambda q, k, v: attention(q, k, v, heads=heads, causal=causal, implementation="xla")
+    assert _rel_err(jax.jit(kernel)(q, k, v), reference(q, k, v)) < 1e-5
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, want):
+        assert np.all(np.isfinite(np.asarray(g))) and _rel_err(g, r) < 1e-5
+    # Under jax.grad the kernel really calls with padded lengths; for inference it does not.
+    padded = f"{attn_mod.cudnn_training_lengths(lq, lk)[1]},{heads},{dim}"
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss(kernel)))(q, k, v)).replace(" ", "")
+    infer_jaxpr = str(jax.make_jaxpr(kernel)(q, k, v)).replace(" ", "")
+    if lk % 2:
+        assert padded in grad_jaxpr and padded not in infer_jaxpr
+
+
+def test_splash_under_ambient_mesh_is_shard_mapped():
+    """Issue 17: under `jax.set_mesh` of 8 devices the splash kernel runs per device (shard_map, batch
+    split over ("data", "fsdp"), heads whole): same values as "xla", output split along the batch."""
+    from jaxdiff import sharding
+
+    mesh = sharding.make_mesh(fsdp=2)                              # 4 x 2 over the 8 virtual CPUs
+    b, length, heads, dim = 8, 150, 2, 40
+    q, k, v = _qkv(b, length, length, heads, dim, seed=11)
+    want = attention(q, k, v, heads=heads, implementation="xla")
+    split = lambda t: t.reshape(b, length, heads, dim)
+    fn = jax.jit(lambda q, k, v: attn_mod._splash_attention(split(q), split(k), split(v), upcast=False,
+                                                            causal=False, interpret=True))
+    placed = jax.device_put((q, k, v), sharding.batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
+        got = fn(*placed)
+    assert _rel_err(got.reshape(want.shape), want) < 1e-5
+    assert got.sharding.spec[0] == sharding.BATCH_AXES and got.sharding.mesh.shape == mesh.shape
+    # without a mesh: the plain call, no shard_map
+    assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v))

@@ -12,7 +12,8 @@ layout `to_q` / `to_k` / `to_v` produce — so callers never reshape. The kernel
              one block of scores. On CPU it keeps the score block in cache: 2x faster than "xla" at
              4096 tokens (numbers at CPU_CHUNK_MIN_SCORES).
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention on
-             NVIDIA GPUs. bf16/fp16 only, head_dim a multiple of 8 and <= 128 (<= 256 on Hopper).
+             NVIDIA GPUs. bf16/fp16 only, head_dim a multiple of 8 and <= 128 (<= 256 on Hopper);
+             under differentiation even lengths only, so it pads odd ones (CLIP's 77) with a mask.
   "splash"   the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu`). Sequences are
              padded to its 128-row blocks (padded keys masked by segment ids), head_dim to 128 lanes.
   "auto"     `choose_implementation` of the above for the default backend, dtype and shapes.
@@ -45,9 +46,48 @@ _MAX_FULL_KEYS = 8192
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+# cuDNN's flash-attention limits as JAX checks them before it calls cuDNN (JAX 0.10-0.11,
+# jax/_src/cudnn/fused_attention_stablehlo.py: `check_layout` and `check_is_flash_attention`):
+# - q/k/v in bfloat16 or float16;
+# - head_dim a multiple of 8 and <= 128 (<= 256 from Hopper, compute capability 9.0);
+# - under differentiation (the forward-for-backward rule runs the check with is_training=True) with a
+#   bias, both sequence lengths even. `jax.nn.dot_product_attention` always hands that rule a
+#   placeholder bias (its `bias = _not_used`, a zeros(0) array that `bias is not None` counts), so every
+#   differentiated cuDNN call needs even Lq and Lk. CLIP's 77 tokens are odd: issue 26's crash
+#   ("Unsupported sequence length Q 4096, KV 77" in cross-attention under jax.grad).
+# The cuDNN kernel below therefore pads odd lengths to CUDNN_TRAINING_PAD under differentiation and
+# masks the padding through cuDNN's sequence lengths (PADDING mask); inference calls stay unpadded.
+CUDNN_TRAINING_PAD = 64
+
+
+def cudnn_flash_supported(dtype, q_len: int, k_len: int, head_dim: int, *, max_head_dim: int = 128,
+                          training: bool = False) -> bool:
+    """Whether JAX's cuDNN flash checks accept these shapes (a mirror of them; tests compare the two).
+
+    training=True is the forward-for-backward rule under `jax.grad`, with JAX's placeholder bias.
+    """
+    if jnp.dtype(dtype) not in _LOW_PRECISION:
+        return False
+    if head_dim % 8 or head_dim > max_head_dim:
+        return False
+    return not (training and (q_len % 2 or k_len % 2))
+
+
+def cudnn_training_lengths(q_len: int, k_len: int) -> tuple:
+    """(Lq, Lk) the cuDNN kernel sends under differentiation: odd lengths rounded up to a multiple of
+    CUDNN_TRAINING_PAD (77 -> 128: cuDNN works in 64/128-key tiles anyway), even ones as they are."""
+    pad = lambda n: _round_up(n, CUDNN_TRAINING_PAD) if n % 2 else n
+    return pad(q_len), pad(k_len)
+
+
 def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int, *,
                           cudnn_max_head_dim: int = 128, splash_available: bool = True) -> str:
     """The kernel "auto" runs, as a pure function of what is known at trace time.
+
+    "auto" never picks a kernel that the shape cannot run, forward or backward: whether a call will
+    be differentiated is not known when a model is traced for its forward, so cuDNN is picked only
+    when both its inference shapes and its training shapes (`cudnn_training_lengths`, which the kernel
+    switches to by itself under `jax.grad`) pass `cudnn_flash_supported`.
 
     Args:
       backend: `jax.default_backend()`: "cpu", "gpu" (or "cuda" / "rocm"), "tpu".
@@ -64,7 +104,10 @@ def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim:
     dtype = jnp.dtype(dtype)
     if backend in ("gpu", "cuda"):
         # cuDNN's fused kernel has no float32 path; float32 and odd head widths go to XLA (cuBLAS).
-        ok = dtype in _LOW_PRECISION and head_dim % 8 == 0 and head_dim <= cudnn_max_head_dim
+        check = functools.partial(cudnn_flash_supported, dtype, head_dim=head_dim,
+                                  max_head_dim=cudnn_max_head_dim)
+        ok = check(q_len, k_len, training=False) and check(*cudnn_training_lengths(q_len, k_len),
+                                                           training=True)
         return "cudnn" if ok else "xla"
     if backend == "tpu":
         # Short sequences (CLIP's 77, cross-attention on small latents) are cheaper as two einsums than
@@ -208,21 +251,100 @@ def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool
     return out.astype(q.dtype)
 
 
-def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool) -> jax.Array:
-    """cuDNN fused attention; [B, L, H, D] is its BTNH layout. It accumulates q.k and takes the softmax
-    in float32 internally, which is what `upcast` asks for."""
-    del upcast
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-
-
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
+                    implementation: str = "cudnn") -> jax.Array:
+    """cuDNN fused attention; [B, L, H, D] is its BTNH layout. It accumulates q.k and takes the softmax
+    in float32 internally, which is what `upcast` asks for.
+
+    Inference runs the call as it is. Under differentiation the forward-for-backward rule of
+    `_cudnn_differentiable` runs instead, on odd lengths padded (see CUDNN_TRAINING_PAD): a custom
+    VJP is how JAX tells a kernel, at trace time, that it is being differentiated. Forward-mode
+    (`jax.jvp`) is not supported through it. `implementation="xla"` runs the same calls through
+    `jax.nn.dot_product_attention`'s XLA path (how the padding is tested on CPU).
+    """
+    del upcast
+    return _cudnn_differentiable(q, k, v, causal, implementation)
+
+
+def _cudnn_call(q, k, v, causal: bool, implementation: str, q_len=None, k_len=None):
+    """One `jax.nn.dot_product_attention`; q_len / k_len: real lengths of zero-padded q / k, v."""
+    lengths = {}
+    if q_len is not None:
+        b = q.shape[0]
+        lengths = dict(query_seq_lengths=jnp.full((b,), q_len, jnp.int32),
+                       key_value_seq_lengths=jnp.full((b,), k_len, jnp.int32))
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation,
+                                        **lengths)
+
+
+def _cudnn_padded(q, k, v, causal: bool, implementation: str):
+    """The differentiated call: odd lengths zero-padded, padding masked by sequence lengths, padded
+    query rows dropped. [B, Lq, H, D], [B, Lk, H, D] x2 -> [B, Lq, H, D]."""
+    lq, lk = q.shape[1], k.shape[1]
+    lq_p, lk_p = cudnn_training_lengths(lq, lk)
+    if (lq_p, lk_p) == (lq, lk):
+        return _cudnn_call(q, k, v, causal, implementation)
+    rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    out = _cudnn_call(rows(q, lq_p), rows(k, lk_p), rows(v, lk_p), causal, implementation, lq, lk)
+    return out[:, :lq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _cudnn_differentiable(q, k, v, causal: bool, implementation: str):
+    return _cudnn_call(q, k, v, causal, implementation)
+
+
+def _cudnn_differentiable_fwd(q, k, v, causal: bool, implementation: str):
+    # The pullback (a pytree of residual arrays) is the residual.
+    return jax.vjp(functools.partial(_cudnn_padded, causal=causal, implementation=implementation),
+                   q, k, v)
+
+
+def _cudnn_differentiable_bwd(causal: bool, implementation: str, pullback, g):
+    del causal, implementation
+    return pullback(g)
+
+
+_cudnn_differentiable.defvjp(_cudnn_differentiable_fwd, _cudnn_differentiable_bwd)
+
+
+def _ambient_batch_axes(batch: int):
+    """(mesh, axis names) to split a batch of `batch` rows over: every axis of the ambient mesh
+    (`jax.set_mesh`; jaxdiff's meshes split batches over all their axes, ("data", "fsdp")), or
+    (None, ()) without a mesh or when the rows do not divide evenly (then the plain call runs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return None, ()
+    return mesh, tuple(mesh.axis_names)
+
+
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
                       interpret: bool = False) -> jax.Array:
-    """Pallas TPU splash attention. `interpret=True` runs the kernel in the Pallas interpreter (any
-    backend), which is how the padding and masking here are tested without a TPU."""
+    """Pallas TPU splash attention, per device under the ambient mesh.
+
+    A Pallas kernel is one device's program: XLA cannot partition it, so under a mesh the call is
+    wrapped in `jax.shard_map` with the batch split over the mesh axes and the heads whole on each
+    device; without a mesh it is the plain call. Models never see the mesh. `interpret=True` runs
+    the kernel in the Pallas interpreter (any backend), which is how the padding, masking and
+    sharding here are tested without a TPU.
+    """
+    mesh, axes = _ambient_batch_axes(q.shape[0])
+    local = functools.partial(_splash_local, upcast=upcast, causal=causal, interpret=interpret)
+    if mesh is None:
+        return local(q, k, v)
+    spec = jax.sharding.PartitionSpec(axes)
+    # check_vma=False: pallas_call's outputs carry no varying-manual-axes type to check.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool, causal: bool,
+                  interpret: bool) -> jax.Array:
+    """The splash kernel on one device's rows: [B, Lq, H, D], [B, Lk, H, D] x2 -> [B, Lq, H, D]."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     del upcast   # the kernel accumulates scores and softmax in float32
