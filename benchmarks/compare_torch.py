@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jaxdiff import bench  # noqa: E402
+from jaxdiff.models import presets  # noqa: E402
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -58,9 +59,9 @@ def torch_models(model: str, dtype: str, device: str = "cpu") -> dict:
     from transformers import CLIPTextConfig as HFCLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from convert.export import upstream_config
     tdtype = getattr(torch, TORCH_DTYPES[dtype])
-    if model in bench.PRESETS:
+    if model in presets.PRESETS:
         nets = {}
-        for name, cfg in bench.preset_configs(model).items():
+        for name, cfg in presets.preset_configs(model).items():
             fields = dataclasses.asdict(cfg)
             with torch.device(device):
                 if name == "unet":
@@ -173,8 +174,8 @@ def compare(args, log=lambda msg: None) -> dict:
     bench.check_attention(args.attention)
     log(f"building {args.model} in PyTorch ({args.dtype}, {device})")
     nets = torch_models(args.model, args.dtype, device)
-    params = convert_params(nets, bench.preset_configs(args.model)) if args.model in bench.PRESETS else None
-    pipe = bench.build_pipeline(args.model, dtype=args.dtype, attention=args.attention, params=params)
+    params = convert_params(nets, presets.preset_configs(args.model)) if args.model in presets.PRESETS else None
+    pipe = presets.build_pipeline(args.model, dtype=args.dtype, attention=args.attention, params=params)
     del params
     cases = bench.resolve_cases(cases, pipe)
     pipe_torch = torch_pipeline(nets, args.model, args.sampler) if any(c.what == "pipeline" for c in cases) else None

@@ -3,7 +3,7 @@
     python benchmarks/profile_unet.py --preset sd15 --batch 16 --size 512 --dtype bfloat16 \\
         --json out/profile.json --trace-dir /tmp/trace --keep-trace out/trace.json.gz
 
-The UNet (random weights, `bench.random_params`) is jitted, compiled, warmed up, then `--calls` calls run
+The UNet (random weights, `presets.host_init`) is jitted, compiled, warmed up, then `--calls` calls run
 inside `jax.profiler.trace(..., create_perfetto_trace=True)`. The Perfetto trace (Chrome trace JSON) is
 read back with the standard library: on a GPU the device tracks (processes named `/device:GPU:*`) hold
 one event per kernel; elsewhere the host's XLA op events are used. Per kernel name: total time, count,
@@ -109,21 +109,22 @@ def build_call(preset: str, batch: int, size: int, dtype: str, attention: str):
     import jax.numpy as jnp
 
     from jaxdiff import bench, components
-    cfg = bench.preset_configs(preset)["unet"]
-    vcfg = bench.preset_configs(preset)["vae"]
+    from jaxdiff.models import presets
+    cfg = presets.preset_configs(preset)["unet"]
+    vcfg = presets.preset_configs(preset)["vae"]
     dt = jnp.dtype(dtype)
     unet = components.UNET.build(cfg, dt)
     if attention != "auto":
         unet = unet.clone(attention_implementation=attention)
     params = jax.tree.map(lambda a: jnp.asarray(a, dt),
-                          bench.random_params(components.UNET.param_shapes(cfg), seed=0))
+                          presets.host_init(components.UNET.param_shapes(cfg), seed=0))
     rng = np.random.default_rng(0)
     h = size // vcfg.downsample_factor
     x = jnp.asarray(rng.standard_normal((batch, h, h, vcfg.latent_channels)), dt)
     t = jnp.full((batch,), 500, jnp.int32)
     ctx = jnp.asarray(rng.standard_normal((batch, 77, cfg.cross_attention_dim)), dt)
     added = None
-    if cfg.addition_embed_type == "text_time":
+    if cfg.takes_text_time:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         added = {"text_embeds": jnp.asarray(rng.standard_normal((batch, pooled)), dt),
                  "time_ids": jnp.tile(jnp.asarray([[size, size, 0, 0, size, size]], dt), (batch, 1))}

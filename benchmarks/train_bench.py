@@ -17,7 +17,7 @@ compiled program kept); `warmup` untimed steps, then `steps` timed ones, each en
 `block_until_ready`. `steady_s` is the fastest timed step (min-of-N: on a shared machine the least
 disturbed one), the median and every time are kept. images/s = B / steady_s; per device divides by
 the mesh size. `peak_host_rss_bytes` is the process's peak resident set (getrusage), which on CPU
-includes every device buffer. Weights are random (bench.random_params): speed does not depend on them.
+includes every device buffer. Weights are random (jaxdiff.models.presets.host_init): speed does not depend on them.
 """
 from __future__ import annotations
 
@@ -92,10 +92,11 @@ def build(args):
     import jax.numpy as jnp
 
     from jaxdiff import bench, components, schedules, sharding
+    from jaxdiff.models import presets
     from jaxdiff.training.optim import OptimConfig
     from jaxdiff.training.trainer import Models, TrainConfig, Trainer
 
-    cfgs = bench.preset_configs(args.preset)
+    cfgs = presets.preset_configs(args.preset)
     ucfg, vcfg = cfgs["unet"], cfgs["vae"]
     dtype = jnp.dtype(args.dtype)
     devices = jax.devices()[:args.devices] if args.devices else jax.devices()
@@ -107,11 +108,11 @@ def build(args):
     def to_device(tree):
         return jax.tree.map(lambda a: jnp.asarray(a), tree)
 
-    params = {"unet": to_device(bench.random_params(components.UNET.param_shapes(ucfg), seed=0))}
+    params = {"unet": to_device(presets.host_init(components.UNET.param_shapes(ucfg), seed=0))}
     vae = None
     if not args.cached_latents:
         vae = components.VAE_KIND.build(vcfg, dtype)
-        params["vae"] = to_device(bench.random_params(components.VAE_KIND.param_shapes(vcfg), seed=1))
+        params["vae"] = to_device(presets.host_init(components.VAE_KIND.param_shapes(vcfg), seed=1))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["unet"]))
     unet = components.UNET.build(ucfg, dtype)
     if args.attention != "auto":
@@ -132,7 +133,7 @@ def build(args):
                                            np.full((b, h, h, c), -4.0, np.float32)], axis=-1)
     else:
         batch["pixels"] = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
-    if ucfg.addition_embed_type == "text_time":
+    if ucfg.takes_text_time:
         pooled = ucfg.projection_class_embeddings_input_dim - 6 * ucfg.addition_time_embed_dim
         batch["text_embeds"] = rng.standard_normal((b, pooled), dtype=np.float32)
         batch["time_ids"] = np.tile(np.array([[r, r, 0, 0, r, r]], np.float32), (b, 1))

@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxdiff.models.presets import PRESETS, build_pipeline, preset_configs  # noqa: F401 (bench's --model)
+from jaxdiff.models.presets import PRESETS, build_pipeline
 
 WHATS = ("unet", "vae_decode", "vae_encode", "text_encode", "pipeline")
 DTYPES = ("float32", "bfloat16", "float16")
