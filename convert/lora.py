@@ -220,9 +220,10 @@ class _NameLookup:
             dotted, kohya = {}, {}
             for m in names:
                 dotted[m] = m
+                kohya[m.replace(".", "_")] = m
                 if m.startswith("text_model."):  # transformers >= 5 plain CLIPTextModel names
                     dotted.setdefault(m.removeprefix("text_model."), m)
-                kohya[m.replace(".", "_")] = m
+                    kohya.setdefault(m.removeprefix("text_model.").replace(".", "_"), m)
             if component == "unet":
                 for m, sgm in sgm_names(names).items():
                     kohya.setdefault(sgm.replace(".", "_"), m)
