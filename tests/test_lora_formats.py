@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,7 +158,18 @@ def peft_files(models, tmp_path_factory):
             for name, m in models.items() for seed in (0, 1) if name == "sd1" or seed == 0}
 
 
+_REFERENCES = {}
+
+
 def diffusers_reference(name, model, *files, weights=None):
+    """diffusers' outputs with the files loaded (memoised: several tests compare against one file)."""
+    key = (name, tuple(map(str, files)), None if weights is None else tuple(weights))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _diffusers_reference(name, model, *files, weights=weights)
+    return _REFERENCES[key]
+
+
+def _diffusers_reference(name, model, *files, weights=None):
     ref = torch_pipe(name, model)
     for i, f in enumerate(files):
         ref.load_lora_weights(str(f), adapter_name=f"a{i}")
@@ -210,6 +222,29 @@ def test_old_diffusers_processor_keys(models, peft_files, tmp_path):
     for p, leaf in flatten(want["unet"]).items():
         np.testing.assert_array_equal(np.asarray(flatten(got["unet"])[p]), np.asarray(leaf))
     assert_close(jax_outputs(model, got), diffusers_reference("sd1", model, path))
+
+
+def test_peft_dora_file(models, base_outputs, tmp_path):
+    """DoRA (PEFT `use_dora`, `lora_magnitude_vector` per output channel) on attention and 3x3 convs,
+    with magnitudes moved off their initial ‖W + ΔW‖ so the renormalisation matters."""
+    model = models["sd1"]
+    ref = torch_pipe("sd1", model)
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False,
+                     use_dora=True)
+    ref.unet.add_adapter(cfg)
+    layers = get_peft_model_state_dict(ref.unet)
+    g = torch.Generator().manual_seed(4)
+    for k in layers:
+        if "lora_magnitude_vector" in k:
+            layers[k] = layers[k] * (1 + 0.5 * torch.rand(layers[k].shape, generator=g))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, weight_name="dora.safetensors", unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=cfg.to_dict())
+    path = tmp_path / "dora.safetensors"
+    assert any("lora_magnitude_vector" in k for k in read_safetensors(path))
+    got = assert_changed(model, jaxdiff_params(model, path), {"unet": base_outputs["sd1"]["unet"]})
+    want = diffusers_reference("sd1", model, path)
+    assert rel_err(got["unet"], want["unet"]) <= RTOL
 
 
 # --- kohya files ------------------------------------------------------------------------------------
@@ -424,27 +459,35 @@ def test_bad_files_raise_one_line_and_change_nothing(models, peft_files, tmp_pat
 
 # --- the unmerged path on convs ---------------------------------------------------------------------
 
-def test_unmerged_equals_merged_on_convs(models):
-    """Interception adds the LoCon branch (down conv with the module's stride / padding, 1x1 up) to 3x3
-    convs, a strided downsampler and 1x1 convs exactly as merging does."""
-    model = models["sd1"]
-    params = model.params["unet"]
-    targets = (r".*resnets_0/conv1", r".*downsamplers_0/conv", r".*proj_in", r".*attn1/to_q")
-    found = adapters.target_modules(params, targets)
-    assert {len(s) for s in found.values()} == {2, 4} and any(s[0] == 3 for s in found.values())
+class ConvStack(nn.Module):
+    """A 3x3 conv, a strided 3x3 conv (the downsampler's padding), a 1x1 conv and a Dense, as the UNet
+    uses them (jaxdiff.models.layers.conv)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), name="conv1")(x)
+        x = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="down")(nn.silu(x))
+        x = nn.Conv(6, (1, 1), padding=((0, 0), (0, 0)), name="proj_in")(x)
+        return nn.Dense(5, name="to_q")(x)
+
+
+def test_unmerged_equals_merged_on_convs():
+    """Interception adds the LoCon branch (down conv with the module's stride and padding, then 1x1 up)
+    to 3x3, strided and 1x1 convs exactly as merging does."""
+    module = ConvStack()
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), x)["params"]
+    found = adapters.target_modules(params, (r"conv1", r"down", r"proj_in", r"to_q"))
+    assert sorted(len(s) for s in found.values()) == [2, 4, 4, 4]
     rng = np.random.default_rng(3)
-    lora = {}
-    for module, shape in found.items():
-        node = lora
-        for k in module:
-            node = node.setdefault(k, {})
-        node["down"] = (0.3 * rng.standard_normal((*shape[:-1], 2))).astype(np.float32)
-        node["up"] = (0.3 * rng.standard_normal((2, shape[-1]))).astype(np.float32)
-    i = model.inputs
-    args = (i["x"], i["t"], i["ctx"], i["added"])
-    unet = model.pipe.unet.module
-    merged = model.fwd["unet"]({"params": jax.jit(adapters.merge)(params, lora, 1.5)}, *args)
-    unmerged = jax.jit(lambda p, lo: adapters.apply_unmerged(unet, p, lo, 1.5, *args))(params, lora)
-    base = model.fwd["unet"]({"params": params}, *args)
+    lora = {m[0]: {"down": (0.3 * rng.standard_normal((*s[:-1], 2))).astype(np.float32),
+                   "up": (0.3 * rng.standard_normal((2, s[-1]))).astype(np.float32)} for m, s in found.items()}
+
+    @jax.jit
+    def both(p, lo):
+        merged = module.apply({"params": adapters.merge(p, lo, 1.5)}, x)
+        return module.apply({"params": p}, x), merged, adapters.apply_unmerged(module, p, lo, 1.5, x)
+
+    base, merged, unmerged = both(params, lora)
     assert rel_err(merged, base) > 0.05
     assert rel_err(unmerged, merged) <= 1e-5

@@ -205,13 +205,15 @@ def delta_size(kind: str, f: Mapping[str, Any]) -> tuple[int, int | None]:
 
 def dora(w: jax.Array, delta: jax.Array, magnitude: jax.Array, weight, scale, rule: str) -> jax.Array:
     """DoRA (Liu et al. 2024) in jaxdiff layout: w, delta [..., in, out] float32; magnitude per output
-    channel ([out] or [out, 1, ...]: PEFT, LyCORIS >= 2024-12) or per input channel ([1, in, ...]: older
-    LyCORIS, A1111 / ComfyUI's reading); formats.md §3.6.
+    channel (PEFT's `lora_magnitude_vector`; `dora_scale` [out, 1, ...] from LyCORIS >= 2024-12) or per
+    input channel (`dora_scale` [1, in, ...] from older LyCORIS); formats.md §3.6.
 
     rule "peft": W' = m (W + w s Δ) / ‖W + w s Δ‖ (PEFT's merge; the user's weight is in the scaling).
     rule "blend": W'' = m (W + s Δ) / ‖W + s Δ‖, then W + w (W'' - W) (A1111 / ComfyUI strength).
     """
-    per_output = magnitude.ndim == 1 or magnitude.shape[0] != 1
+    # PEFT's vector is per output channel whatever its shape ([out]; convs [1, out, 1, 1]); for
+    # `dora_scale` ComfyUI's test: per output when its first dim is the weight's output dim.
+    per_output = rule == "peft" or magnitude.shape[0] == w.shape[-1]
     axis = w.ndim - 1 if per_output else w.ndim - 2
     m = magnitude.astype(jnp.float32).reshape(-1)
     m = m.reshape([m.shape[0] if a == axis else 1 for a in range(w.ndim)])
