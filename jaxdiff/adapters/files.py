@@ -6,8 +6,9 @@ the small stateful holder a Pipeline owns.
     pipe.with_params(params)(...)                                     # the same compiled programs
 
 `apply` computes each adapted kernel as W + Σ weight · scale · ΔW (DoRA layers renormalise, in order)
-in one jitted program per adapter structure: re-weighting changes only traced scalars, so it compiles
-nothing, and leaves no adapter touches are shared with the base tree, not copied. Unloading is giving
+with one small jitted program per (kernel shape, factor shapes, adapter kinds): weights are traced
+scalars, so re-weighting compiles nothing, and leaves no adapter touches are shared with the base tree,
+not copied. Unloading is giving
 back the base tree itself, bit for bit.
 """
 from __future__ import annotations
@@ -130,39 +131,33 @@ def apply(base: Params, adapters: Sequence[tuple[LoraAdapter, Any]]) -> dict[str
     if not entries:
         return dict(base)
     flat = {c: flatten(base[c]) for c in {c for c, _ in entries}}
-    plan, kernels, factors, coeffs = [], {}, {}, {}
-    for i, ((component, path), items) in enumerate(sorted(entries.items())):
-        key = f"{i:05d}"
-        w = flat[component][path + ("kernel",)]
-        plan.append((key, maths.torch_shape(w.shape),
-                     tuple((layer.kind, layer.dora if layer.magnitude is not None else None)
-                           for layer, _ in items)))
-        kernels[key] = w
-        factors[key] = [{"f": dict(layer.factors), **({"m": layer.magnitude} if layer.magnitude is not None else {})}
-                        for layer, _ in items]
-        coeffs[key] = np.asarray([[weight, layer.scale] for layer, weight in items], np.float32)
-    merged = _merge(tuple(plan), kernels, jax.device_put(factors), jax.device_put(coeffs))
     out = dict(base)
-    for i, ((component, path), _) in enumerate(sorted(entries.items())):
-        out[component] = _replace(out[component], path + ("kernel",), merged[f"{i:05d}"])
+    for (component, path), items in sorted(entries.items()):
+        w = flat[component][path + ("kernel",)]
+        kinds = tuple((layer.kind, layer.dora if layer.magnitude is not None else None) for layer, _ in items)
+        layers = [{"f": dict(layer.factors), **({"m": layer.magnitude} if layer.magnitude is not None else {})}
+                  for layer, _ in items]
+        coeffs = np.asarray([[weight, layer.scale] for layer, weight in items], np.float32)
+        merged = _merge_kernel(maths.torch_shape(w.shape), kinds, w, jax.device_put(layers), jax.device_put(coeffs))
+        out[component] = _replace(out[component], path + ("kernel",), merged)
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _merge(plan, kernels, factors, coeffs):
-    """plan: ((key, torch shape, ((kind, dora rule or None), ...)), ...) -> {key: merged kernel}."""
-    out = {}
-    for key, tshape, kinds in plan:
-        w = kernels[key]
-        acc = w.astype(jnp.float32)
-        for (kind, rule), layer, (weight, scale) in zip(kinds, factors[key], coeffs[key]):
-            delta = maths.to_kernel_layout(maths.torch_delta(kind, layer["f"], tshape))
-            if rule is None:
-                acc = acc + (weight * scale) * delta
-            else:
-                acc = maths.dora(acc, delta, layer["m"], weight, scale, rule)
-        out[key] = acc.astype(w.dtype)
-    return out
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_kernel(torch_shape: tuple[int, ...], kinds: tuple, w, layers, coeffs):
+    """One kernel W [in, out] / [kh, kw, in, out] with its adapters merged, in W's dtype.
+
+    One small program per (shapes, adapter kinds), shared by every kernel and every adapter file of the
+    same shapes (a whole SDXL LoRA has a few dozen), and by any weights (coeffs [n, 2]: weight, scale).
+    """
+    acc = w.astype(jnp.float32)
+    for (kind, rule), layer, (weight, scale) in zip(kinds, layers, coeffs):
+        delta = maths.to_kernel_layout(maths.torch_delta(kind, layer["f"], torch_shape))
+        if rule is None:
+            acc = acc + (weight * scale) * delta
+        else:
+            acc = maths.dora(acc, delta, layer["m"], weight, scale, rule)
+    return acc.astype(w.dtype)
 
 
 def _replace(tree, path: tuple[str, ...], leaf):
