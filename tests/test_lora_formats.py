@@ -490,3 +490,27 @@ def test_unmerged_equals_merged_on_convs():
     base, merged, unmerged = both(params, lora)
     assert rel_err(merged, base) > 0.05
     assert rel_err(unmerged, merged) <= 1e-5
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sdxl", "sdxl_refiner"])
+def test_sgm_names_of_full_size_unets_match_diffusers_single_file_converter(preset):
+    """convert.lora.sgm_names (how SDXL kohya files name UNet modules) on full-size configs, shapes only:
+    a checkpoint keyed by those SGM names goes through diffusers' `convert_ldm_unet_checkpoint` back to
+    exactly the UNet's diffusers keys (every block, resampler and resnet layer)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from convert.export import torch_key, upstream_config
+    from convert.lora import sgm_names
+    from jaxdiff.components import UNET
+    from jaxdiff.models.configs import UNetConfig
+
+    cfg = getattr(UNetConfig, preset)()
+    keys = [torch_key(p, kind="unet") for p in flatten(UNET.param_shapes(cfg))]
+    sgm = sgm_names({k.rsplit(".", 1)[0] for k in keys})
+    ldm = {}
+    for k in keys:
+        module, leaf = k.rsplit(".", 1)
+        ldm[f"model.diffusion_model.{sgm[module]}.{leaf}"] = torch.zeros(1)
+    assert sgm["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    back = convert_ldm_unet_checkpoint(ldm, upstream_config("UNet2DConditionModel", dataclasses.asdict(cfg)))
+    assert sorted(back) == sorted(keys)
