@@ -137,7 +137,12 @@ def make_peft_file(name: str, model: Model, dst: Path, seed: int) -> Path:
     text encoder, saved by diffusers' save_lora_weights with its LoraConfig as metadata."""
     ref = torch_pipe(name, model)
     torch.manual_seed(seed)
-    ucfg = LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, init_lora_weights=False)
+    # Seed 1: per-module ranks and alphas (PEFT rank_pattern / alpha_pattern, saved in the metadata).
+    # Seed 0 keeps one alpha: diffusers 0.42's kohya reader drops per-module alphas (its alpha_pattern
+    # keys keep `.processor.to_k_lora.down.weight` and match nothing), so the kohya files are written
+    # from seed 0's factors.
+    patterns = dict(rank_pattern={"conv1": 2}, alpha_pattern={"to_k": 3, "conv1": 5}) if seed == 1 else {}
+    ucfg = LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, init_lora_weights=False, **patterns)
     tcfg = LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS, init_lora_weights=False)
     ref.unet.add_adapter(ucfg)
     layers = {"unet_lora_layers": get_peft_model_state_dict(ref.unet),
@@ -183,12 +188,14 @@ def jaxdiff_params(model, *files, weights=None):
     return adapters.apply(model.params, list(zip(loaded, weights or [1.0] * len(files))))
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
-def test_peft_file(models, base_outputs, peft_files, name):
+@pytest.mark.parametrize("name, seed", [("sd1", 0), ("sd1", 1), ("sdxl", 0)])
+def test_peft_file(models, base_outputs, peft_files, name, seed):
     model = models[name]
-    path = peft_files[(name, 0)]
-    conv = [k for k, v in read_safetensors(path).items() if v.ndim == 4 and v.shape[2] == 3]
-    assert conv  # 3x3 convs (LoCon) are in the file
+    path = peft_files[(name, seed)]
+    tensors = read_safetensors(path)
+    assert any(v.ndim == 4 and v.shape[2] == 3 for v in tensors.values())  # 3x3 convs (LoCon)
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight") and k.startswith("unet.")}
+    assert ranks == ({2, 4} if seed == 1 else {4})
     got = assert_changed(model, jaxdiff_params(model, path), base_outputs[name])
     assert_close(got, diffusers_reference(name, model, path))
 
@@ -280,7 +287,8 @@ def sgm_name(module: str, layers_per_block: int, up_attention: set[int]) -> str:
 
 def write_kohya(peft_path: Path, dst: Path, *, sdxl: bool, sgm=None) -> Path:
     """The PEFT file's factors under kohya names (`lora_unet_...`, `lora_te_` / `lora_te1_` / `lora_te2_`,
-    `.lora_down.weight`, `.lora_up.weight`, scalar `.alpha`), alpha from the PEFT metadata."""
+    `.lora_down.weight`, `.lora_up.weight`, scalar `.alpha`), alpha from the PEFT metadata (its
+    alpha_pattern matched as PEFT matches it: a dotted suffix of the module name)."""
     from safetensors import safe_open
     with safe_open(str(peft_path), "np") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -289,13 +297,17 @@ def write_kohya(peft_path: Path, dst: Path, *, sdxl: bool, sgm=None) -> Path:
     for k, v in read_safetensors(peft_path).items():
         component, rest = k.split(".", 1)
         module, _, part = rest.partition(".lora_")
+        original = module
         if component == "unet" and sgm is not None:
             module = sgm(module)
         if component != "unet" and not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 drops it from CLIPTextModel; kohya has it
         name = f"{prefixes[component]}_{module.replace('.', '_')}"
         out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = np.asarray(v)
-        out[f"{name}.alpha"] = np.asarray(meta[f"{component}.lora_alpha"], np.float32)
+        patterns = meta[f"{component}.alpha_pattern"]
+        alpha = next((a for p, a in patterns.items() if re.match(rf"(.*\.)?({p})$", original)),
+                     meta[f"{component}.lora_alpha"])
+        out[f"{name}.alpha"] = np.asarray(alpha, np.float32)
     write_safetensors(dst, out, metadata={"ss_network_dim": "4"})
     return dst
 
