@@ -405,34 +405,67 @@ def test_loha_lokr_tucker_against_numpy_merge(models, base_outputs, tmp_path):
 
 # --- several adapters, unload, compile counts -------------------------------------------------------
 
-def test_two_weighted_adapters_and_unload(models, base_outputs, peft_files):
+@pytest.fixture
+def compiles():
+    """Names of the XLA compilations that happen while the test runs."""
+    seen, on = [], [True]
+
+    def listen(name, secs, **_):
+        if on[0] and name == "/jax/core/compile/backend_compile_duration":
+            seen.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    on[0] = False
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_two_weighted_adapters_and_unload(models, base_outputs, peft_files, compiles):
+    """diffusers' set_adapters with two weighted adapters; loading, re-weighting, fusing and unloading
+    compile nothing (the network programs take the new params as arguments); unload gives back the
+    base tree's own objects."""
     model = models["sd1"]
     files = [peft_files[("sd1", 0)], peft_files[("sd1", 1)]]
+    jax_outputs(model, model.params)   # the network programs exist before the count starts
+    compiles.clear()
     state = adapters.AdapterSet(model.params)
     assert state.load(files[0], adapter_name="a", scale=1.0) == "a"
     state.load(files[1], adapter_name="b")
     state.set_adapters(["a", "b"], [0.7, -0.4])
-    got = assert_changed(model, state.params, base_outputs["sd1"])
-    assert_close(got, diffusers_reference("sd1", model, *files, weights=[0.7, -0.4]))
-    compiles = adapter_files._merge_kernel._cache_size()
-    # Re-weighting: new params from the same compiled merge, same network program.
-    net_compiles = model.fwd["unet"]._cache_size()
+    got = jax_outputs(model, state.params)
     state.set_adapters(["a", "b"], [0.2, 0.5])
     reweighted = jax_outputs(model, state.params)
-    assert adapter_files._merge_kernel._cache_size() == compiles
-    assert model.fwd["unet"]._cache_size() == net_compiles
-    assert rel_err(reweighted["unet"], got["unet"]) > 0.02
-    # fuse then unload keeps the fused weights; unfuse gives the base objects back.
-    merged = state.params
     state.fuse()
     state.unload()
-    assert state.names == [] and state.params is state.base
-    for p, leaf in flatten(merged["unet"]).items():
-        np.testing.assert_array_equal(np.asarray(flatten(state.params["unet"])[p]), np.asarray(leaf))
+    fused = jax_outputs(model, state.params)
     state.unfuse()
+    unloaded = jax_outputs(model, state.params)
+    assert compiles == []
+
+    for k, v in base_outputs["sd1"].items():
+        assert rel_err(got[k], v) > 0.02, k
+    assert_close(got, diffusers_reference("sd1", model, *files, weights=[0.7, -0.4]))
+    assert rel_err(reweighted["unet"], got["unet"]) > 0.02
+    # fuse then unload keeps the fused weights; unfuse gives the base objects back.
+    for k in reweighted:
+        np.testing.assert_array_equal(fused[k], reweighted[k])
+    assert state.names == [] and state.params is state.base
     assert all(state.params[c] is model.params[c] for c in model.params)
-    for k, v in jax_outputs(model, state.params).items():
+    for k, v in unloaded.items():
         np.testing.assert_array_equal(v, base_outputs["sd1"][k])
+
+
+def test_device_merge_equals_host_merge_and_reweighting_reuses_it(models, peft_files):
+    model = models["sd1"]
+    pairs = [(adapters.read_lora_file(peft_files[("sd1", s)], model.params), w) for s, w in ((0, 0.7), (1, -0.4))]
+    host = adapters.apply(model.params, pairs)
+    device = adapters.apply(model.params, pairs, on_device=True)
+    for c in ("unet", "text_encoder"):
+        for p, leaf in flatten(host[c]).items():
+            np.testing.assert_allclose(np.asarray(flatten(device[c])[p]), np.asarray(leaf), rtol=1e-5, atol=1e-6)
+    n = adapter_files._merge_kernel._cache_size()
+    adapters.apply(model.params, [(a, 2 * w) for a, w in pairs], on_device=True)
+    assert adapter_files._merge_kernel._cache_size() == n
 
 
 # --- errors -----------------------------------------------------------------------------------------

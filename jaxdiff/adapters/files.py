@@ -6,9 +6,9 @@ the small stateful holder a Pipeline owns.
     pipe.with_params(params)(...)                                     # the same compiled programs
 
 `apply` computes each adapted kernel as W + Σ weight · scale · ΔW (DoRA layers renormalise, in order)
-with one small jitted program per (kernel shape, factor shapes, adapter kinds): weights are traced
-scalars, so re-weighting compiles nothing, and leaves no adapter touches are shared with the base tree,
-not copied. Unloading is giving
+in float32, by default in numpy on the host (loading, re-weighting and unloading compile nothing), or
+with `on_device=True` in one small jitted program per (kernel shape, factor shapes, adapter kinds) whose
+weights are traced scalars. Leaves no adapter touches are shared with the base tree, not copied. Unloading is giving
 back the base tree itself, bit for bit.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ LoraFileError = lora_format.LoraFileError
 COMPONENT_KINDS = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip"}
 
 Params = Mapping[str, Any]          # component name -> param tree (nested dicts, no {"params": ...})
-Weight = "float | Mapping[str, float]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +108,17 @@ def _check(parsed: lora_format.LoraFile, params: Params, names, name: str) -> Lo
     return LoraAdapter(name=name, source=parsed.source, layers=layers, metadata=dict(parsed.metadata))
 
 
-def apply(base: Params, adapters: Sequence[tuple[LoraAdapter, Any]]) -> dict[str, Any]:
+def apply(base: Params, adapters: Sequence[tuple[LoraAdapter, Any]], *, on_device: bool = False
+          ) -> dict[str, Any]:
     """base params with the weighted adapters merged in; `base` itself is not modified.
 
     Args:
       base: component -> param tree, as `pipe.params`.
       adapters: (adapter, weight) pairs, weight a float or {component: float} (components left out get
         1.0, as diffusers' set_adapters does).
+      on_device: merge with jitted programs on the kernels' devices (one small program per kernel
+        shape signature, compiled on first use) instead of in numpy on the host (compiles nothing:
+        each adapted kernel is fetched, merged in float32 and put back with its sharding).
     Returns:
       component -> param tree of the same structure and dtypes; components and leaves no adapter
       touches are the base's own objects.
@@ -138,7 +141,11 @@ def apply(base: Params, adapters: Sequence[tuple[LoraAdapter, Any]]) -> dict[str
         layers = [{"f": dict(layer.factors), **({"m": layer.magnitude} if layer.magnitude is not None else {})}
                   for layer, _ in items]
         coeffs = np.asarray([[weight, layer.scale] for layer, weight in items], np.float32)
-        merged = _merge_kernel(maths.torch_shape(w.shape), kinds, w, jax.device_put(layers), jax.device_put(coeffs))
+        if on_device:
+            merged = _merge_kernel(maths.torch_shape(w.shape), kinds, w, jax.device_put(layers),
+                                   jax.device_put(coeffs))
+        else:
+            merged = _merge_on_host(w, kinds, layers, coeffs)
         out[component] = _replace(out[component], path + ("kernel",), merged)
     return out
 
@@ -158,6 +165,25 @@ def _merge_kernel(torch_shape: tuple[int, ...], kinds: tuple, w, layers, coeffs)
         else:
             acc = maths.dora(acc, delta, layer["m"], weight, scale, rule)
     return acc.astype(w.dtype)
+
+
+def _merge_on_host(w, kinds: tuple, layers, coeffs):
+    """`_merge_kernel` in numpy: fetch W, merge in float32, put it back where W lives."""
+    host = np.asarray(jax.device_get(w))
+    acc = host.astype(np.float32)
+    tshape = maths.torch_shape(host.shape)
+    for (kind, rule), layer, (weight, scale) in zip(kinds, layers, coeffs):
+        delta = maths.to_kernel_layout(maths.torch_delta(kind, layer["f"], tshape, xp=np))
+        if rule is None:
+            acc = acc + (weight * scale) * delta
+        else:
+            acc = maths.dora(acc, delta, layer["m"], weight, scale, rule, xp=np)
+    merged = acc.astype(host.dtype)
+    # Same placement and commitment as W: a jitted program's cache key includes both, so anything else
+    # would recompile the network for the merged params.
+    if getattr(w, "committed", False):
+        return jax.device_put(merged, w.sharding)
+    return jax.device_put(merged)
 
 
 def _replace(tree, path: tuple[str, ...], leaf):
@@ -182,7 +208,9 @@ class AdapterSet:
     kept until the adapters or weights change.
     """
 
-    def __init__(self, base: Params):
+    def __init__(self, base: Params, *, on_device: bool = False):
+        """on_device: as in `apply` (default: merge on the host, compiling nothing)."""
+        self._on_device = on_device
         self._base = dict(base)
         self._unfused: dict[str, Any] | None = None   # the base before fuse(), for unfuse()
         self._adapters: dict[str, LoraAdapter] = {}
@@ -206,7 +234,8 @@ class AdapterSet:
         if not self._active:
             return self._base
         if self._cache is None:
-            self._cache = apply(self._base, [(self._adapters[n], w) for n, w in self._active.items()])
+            self._cache = apply(self._base, [(self._adapters[n], w) for n, w in self._active.items()],
+                                on_device=self._on_device)
         return self._cache
 
     def load(self, path: str | os.PathLike, *, adapter_name: str | None = None, scale: Any = 1.0) -> str:
@@ -262,7 +291,7 @@ class AdapterSet:
         pairs = [(self._adapters[n], _times(self._active.get(n, 1.0), lora_scale)) for n in names]
         if self._unfused is None:
             self._unfused = self._base
-        self._base = apply(self._base, pairs)
+        self._base = apply(self._base, pairs, on_device=self._on_device)
         for n in names:
             self._active.pop(n, None)
         self._cache = None

@@ -130,17 +130,18 @@ def torch_shape(kernel_shape: Sequence[int]) -> tuple[int, ...]:
 
 def to_kernel_layout(delta: jax.Array) -> jax.Array:
     """A torch-layout delta [out, in] / [out, in, kh, kw] -> jaxdiff layout [in, out] / [kh, kw, in, out]."""
-    return delta.T if delta.ndim == 2 else jnp.transpose(delta, (2, 3, 1, 0))
+    return delta.T if delta.ndim == 2 else delta.transpose(2, 3, 1, 0)
 
 
-def _cp(t, wa, wb):
+def _cp(t, wa, wb, xp):
     """Tucker rebuild (A1111 `lyco_helpers.make_weight_cp`): t [r, r, k, k], wa [r, out], wb [r, in]
     -> [out, in, k, k]."""
-    return jnp.einsum("ijkl,jr,ip->prkl", t, wb, wa)
+    return xp.einsum("ijkl,jr,ip->prkl", t, wb, wa)
 
 
-def torch_delta(kind: str, f: Mapping[str, jax.Array], shape: Sequence[int]) -> jax.Array:
-    """The dense delta of one file layer (before its scale), float32, torch layout `shape`.
+def torch_delta(kind: str, f: Mapping[str, jax.Array], shape: Sequence[int], xp=jnp) -> jax.Array:
+    """The dense delta of one file layer (before its scale), float32, torch layout `shape`; xp is jnp
+    (inside jit) or numpy (on the host, compiling nothing).
 
     kind "lora": up @ down (LoCon kxk: ΔW[o, i] = Σ_r up[o, r] down[r, i, :, :], kohya `merge_to`;
       Tucker: einsum(mid, up, down), A1111 `rebuild_cp_decomposition`).
@@ -149,30 +150,30 @@ def torch_delta(kind: str, f: Mapping[str, jax.Array], shape: Sequence[int]) -> 
     kind "lokr": kron(w1, w2), w1 = w1_a @ w1_b when factorised, w2 likewise or Tucker with t2; for a
       conv w1 is unsqueezed to [a, b, 1, 1] (A1111 `network_lokr.make_kron`, ComfyUI `lokr.py`).
     """
-    f = {k: jnp.asarray(v, jnp.float32) for k, v in f.items()}
+    f = {k: xp.asarray(v, xp.float32) for k, v in f.items()}
     if kind == "lora":
         up = f["up"].reshape(f["up"].shape[0], -1)                 # [out, r]
         down = f["down"].reshape(f["down"].shape[0], -1)           # [r, in*k*k]
         if "mid" in f:
-            return jnp.einsum("nmkl,in,mj->ijkl", f["mid"], up, down).reshape(shape)
+            return xp.einsum("nmkl,in,mj->ijkl", f["mid"], up, down).reshape(shape)
         return (up @ down).reshape(shape)
     if kind == "loha":
         halves = []
         for i in "12":
             a, b = f[f"w{i}_a"], f[f"w{i}_b"]
-            halves.append(_cp(f[f"t{i}"], a, b) if f"t{i}" in f else a @ b)
+            halves.append(_cp(f[f"t{i}"], a, b, xp) if f"t{i}" in f else a @ b)
         return (halves[0] * halves[1]).reshape(shape)
     if kind == "lokr":
         w1 = f["w1"] if "w1" in f else f["w1_a"] @ f["w1_b"]
         if "w2" in f:
             w2 = f["w2"]
         elif "t2" in f:
-            w2 = _cp(f["t2"], f["w2_a"], f["w2_b"])
+            w2 = _cp(f["t2"], f["w2_a"], f["w2_b"], xp)
         else:
             w2 = f["w2_a"] @ f["w2_b"]
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
-        return jnp.kron(w1, w2).reshape(shape)
+        return xp.kron(w1, w2).reshape(shape)
     raise ValueError(f"unknown adapter kind {kind!r}")
 
 
@@ -203,7 +204,7 @@ def delta_size(kind: str, f: Mapping[str, Any]) -> tuple[int, int | None]:
     return w1 * w2, None
 
 
-def dora(w: jax.Array, delta: jax.Array, magnitude: jax.Array, weight, scale, rule: str) -> jax.Array:
+def dora(w: jax.Array, delta: jax.Array, magnitude: jax.Array, weight, scale, rule: str, xp=jnp) -> jax.Array:
     """DoRA (Liu et al. 2024) in jaxdiff layout: w, delta [..., in, out] float32; magnitude per output
     channel (PEFT's `lora_magnitude_vector`; `dora_scale` [out, 1, ...] from LyCORIS >= 2024-12) or per
     input channel (`dora_scale` [1, in, ...] from older LyCORIS); formats.md §3.6.
@@ -215,12 +216,12 @@ def dora(w: jax.Array, delta: jax.Array, magnitude: jax.Array, weight, scale, ru
     # `dora_scale` ComfyUI's test: per output when its first dim is the weight's output dim.
     per_output = rule == "peft" or magnitude.shape[0] == w.shape[-1]
     axis = w.ndim - 1 if per_output else w.ndim - 2
-    m = magnitude.astype(jnp.float32).reshape(-1)
+    m = xp.asarray(magnitude, xp.float32).reshape(-1)
     m = m.reshape([m.shape[0] if a == axis else 1 for a in range(w.ndim)])
     others = tuple(a for a in range(w.ndim) if a != axis)
 
     def decompose(v):
-        return m * v / (jnp.sqrt(jnp.sum(v * v, axis=others, keepdims=True)) + 1e-12)
+        return m * v / (xp.sqrt(xp.sum(v * v, axis=others, keepdims=True)) + 1e-12)
 
     if rule == "peft":
         return decompose(w + weight * scale * delta)
