@@ -371,6 +371,21 @@ def lycoris_layers(rng):
         for j in range(4):
             kron[8 * i:8 * i + 8, 8 * j:8 * j + 8] = w1[i, j] * w2
     out["lora_unet_down_blocks_0_resnets_0_conv2"] = ({"lokr_w1": w1, "lokr_w2": w2, "alpha": np.float32(7)}, kron)
+    # LoKr, 3x3 conv, w1 full, w2 Tucker (t2 with w2_a [r, out2], w2_b [r, in2]), alpha 3 / rank 3;
+    # A1111's per-module `scale` tensor is not set here, so alpha / rank applies.
+    w1, t2, a2, b2 = r(8, 8), r(3, 3, 3, 3), r(3, 8), r(3, 8)
+    w2 = tucker(t2, a2, b2)                                                  # [8, 8, 3, 3]
+    kron = np.zeros((64, 64, 3, 3), np.float32)
+    for i in range(8):
+        for j in range(8):
+            kron[8 * i:8 * i + 8, 8 * j:8 * j + 8] = w1[i, j] * w2
+    out["lora_unet_mid_block_resnets_0_conv1"] = (
+        {"lokr_w1": w1, "lokr_t2": t2, "lokr_w2_a": a2, "lokr_w2_b": b2, "alpha": np.float32(3)}, kron)
+    # A1111's optional `scale` tensor overrides alpha / rank (network.py calc_scale).
+    down, up = r(2, 64), r(64, 2)
+    out["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v"] = (
+        {"lora_down.weight": down, "lora_up.weight": up, "alpha": np.float32(1), "scale": np.float32(0.3)},
+        0.3 * up @ down)
     # Tucker LoCon (lora_mid) on a 3x3 up-block conv: ΔW[o, i] = Σ up[o, n] mid[n, m] down[m, i], alpha 1 / 2.
     up, mid, down = r(32, 2, 1, 1), r(2, 2, 3, 3), r(2, 96, 1, 1)  # conv1 [32, 64 + 32, 3, 3]
     delta = np.einsum("on,nmhw,mi->oihw", up[:, :, 0, 0], mid, down[:, :, 0, 0])
