@@ -83,15 +83,6 @@ class LoraLayer:
     magnitude: np.ndarray | None = None
     dora: str = "peft"
 
-    @property
-    def rank(self) -> int | None:
-        f = self.factors
-        if self.kind == "lora":
-            return int(f["down"].shape[0])
-        if self.kind == "loha":
-            return int(f["w1_b"].shape[0])
-        return None
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraFile:
