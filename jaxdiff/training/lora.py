@@ -1,4 +1,6 @@
-"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") for jaxdiff's networks.
+"""The trainable LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
+config, init, the trainer hook and export. The maths (targets, merge, the unmerged path; Dense and Conv
+alike) lives in jaxdiff.adapters.lora, which inference uses without importing training/.
 
 A targeted Dense layer with kernel W [in, out] gets two trainable factors, down [in, r] and up [r, out],
 and computes
@@ -18,7 +20,8 @@ so it is an ordinary pytree for optax, orbax and sharding. Targets are regexes m
 
 Two equal forwards (the tests check it): `merge` folds the factors into the kernels (one cheap
 [in, r] @ [r, out] product per layer, then the stock network runs), and `apply_unmerged` adds the
-low-rank branch to each targeted Dense call through flax's method interception.
+low-rank branch to each targeted Dense / Conv call through flax's method interception. A targeted Conv
+(kernel [kh, kw, in, out]) gets down [kh, kw, in, r] and up [r, out] (LoCon).
 
     cfg = LoRAConfig(rank=4)                          # UNet attention q/k/v/out, alpha = rank
     adapter = LoRAAdapter(cfg)
@@ -33,13 +36,13 @@ import math
 import re
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from convert import export as _export
-from convert.diffusers_layout import flatten, unflatten
+from convert.diffusers_layout import unflatten
+from jaxdiff.adapters import lora as _maths
 from jaxdiff.errors import ConfigError
 
 # diffusers' LoRA training scripts' targets: the q/k/v/out projections of every self- (attn1) and
@@ -77,23 +80,10 @@ class LoRAConfig:
         return self.alpha_value / self.rank
 
 
-def target_modules(params: Mapping[str, Any], config: LoRAConfig) -> dict[tuple[str, ...], tuple[int, int]]:
-    """{module path: (in, out)} of the Dense layers the config targets (modules with a 2-D kernel).
-
-    Works on arrays and on `jax.eval_shape` trees. Raises ConfigError if nothing matches, since a LoRA
-    that adapts nothing trains nothing.
-    """
-    patterns = [re.compile(p) for p in config.targets]
-    found = {}
-    for path, leaf in flatten(params).items():
-        if path[-1] != "kernel" or len(leaf.shape) != 2:
-            continue
-        module = path[:-1]
-        if any(p.fullmatch("/".join(module)) for p in patterns):
-            found[module] = tuple(leaf.shape)
-    if not found:
-        raise ConfigError(f"LoRA targets {config.targets} match no Dense layer of these params")
-    return found
+def target_modules(params: Mapping[str, Any], config: LoRAConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{module path: kernel shape} of the Dense (and Conv) layers the config targets; see
+    jaxdiff.adapters.lora.target_modules."""
+    return _maths.target_modules(params, config.targets)
 
 
 def init(params: Mapping[str, Any], config: LoRAConfig, key: jax.Array) -> dict[str, Any]:
@@ -103,66 +93,22 @@ def init(params: Mapping[str, Any], config: LoRAConfig, key: jax.Array) -> dict[
     param dict happens to be ordered. `params` may be a `jax.eval_shape` tree: only shapes are read.
     """
     out = {}
-    for i, (module, (fan_in, fan_out)) in enumerate(sorted(target_modules(params, config).items())):
+    for i, (module, shape) in enumerate(sorted(target_modules(params, config).items())):
         k = jax.random.fold_in(key, i)
+        down_shape = (*shape[:-1], config.rank)          # Dense [in, r]; Conv [kh, kw, in, r]
         if config.init == "gaussian":
-            down = jax.random.normal(k, (fan_in, config.rank), jnp.float32) / config.rank
+            down = jax.random.normal(k, down_shape, jnp.float32) / config.rank
         else:
-            bound = 1.0 / math.sqrt(fan_in)
-            down = jax.random.uniform(k, (fan_in, config.rank), jnp.float32, -bound, bound)
-        out[module + ("down",)] = down                                       # [in, r]
-        out[module + ("up",)] = jnp.zeros((config.rank, fan_out), jnp.float32)  # [r, out]
+            bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # kaiming over the fan-in (in * kh * kw)
+            down = jax.random.uniform(k, down_shape, jnp.float32, -bound, bound)
+        out[module + ("down",)] = down
+        out[module + ("up",)] = jnp.zeros((config.rank, shape[-1]), jnp.float32)  # [r, out]
     return unflatten(out)
 
 
-def factors(lora: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
-    """{module path: (down [in, r], up [r, out])}."""
-    flat = flatten(lora)
-    return {path[:-1]: (flat[path[:-1] + ("down",)], flat[path[:-1] + ("up",)])
-            for path in flat if path[-1] == "down"}
-
-
-def merge(params: Mapping[str, Any], lora: Mapping[str, Any], scale: float) -> dict[str, Any]:
-    """params with each targeted kernel replaced by W + scale * down @ up (in W's dtype).
-
-    Untouched leaves are shared, not copied. Differentiable in both arguments; jit it with the rest of
-    the step. The product is formed in float32 whatever W's storage dtype.
-    """
-    flat = dict(flatten(params))
-    for module, (down, up) in factors(lora).items():
-        path = module + ("kernel",)
-        if path not in flat:
-            raise ConfigError(f"LoRA module {'/'.join(module)} is not in these params")
-        w = flat[path]
-        delta = jnp.matmul(down.astype(jnp.float32), up.astype(jnp.float32))   # [in, out]
-        if delta.shape != w.shape:
-            raise ConfigError(f"LoRA {'/'.join(module)}: delta {delta.shape} vs kernel {w.shape}")
-        flat[path] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-    return unflatten(flat)
-
-
-def apply_unmerged(module: nn.Module, params: Mapping[str, Any], lora: Mapping[str, Any], scale: float,
-                   *args, **kwargs):
-    """`module.apply({"params": params}, *args, **kwargs)` with y += scale * (x @ down) @ up added to each
-    targeted Dense call, leaving the kernels as they are.
-
-    Module paths are those of `module`'s own param tree (lora must be for this module, not a tree of
-    components).
-    """
-    table = factors(lora)
-
-    def add_lora(next_fun, call_args, call_kwargs, context):
-        y = next_fun(*call_args, **call_kwargs)
-        mod = context.module
-        if isinstance(mod, nn.Dense) and context.method_name == "__call__" and mod.path in table:
-            down, up = table[mod.path]
-            x = call_args[0]
-            h = jnp.matmul(x, down.astype(x.dtype))                     # [..., r]
-            y = y + (scale * jnp.matmul(h, up.astype(x.dtype))).astype(y.dtype)
-        return y
-
-    with nn.intercept_methods(add_lora):
-        return module.apply({"params": params}, *args, **kwargs)
+factors = _maths.factors
+merge = _maths.merge
+apply_unmerged = _maths.apply_unmerged
 
 
 class LoRAAdapter:
