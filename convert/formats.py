@@ -102,7 +102,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a sharded checkpoint through its `*.safetensors.index.json` weight map."""
+    """Reads a sharded checkpoint through its `*.safetensors.index.json` (or `*.bin.index.json`) map."""
     index_path = Path(index_path)
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -112,7 +112,7 @@ def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise TensorFileError(f"{index_path}: not a valid shard index (needs a 'weight_map')") from None
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-        part = read_safetensors(index_path.parent / shard)
+        part = read_tensors(index_path.parent / shard)
         tensors.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
@@ -122,7 +122,8 @@ def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file or a sharded `*.safetensors.index.json`."""
+    """Reads a .safetensors file, a pickled PyTorch file (.ckpt / .pt / .pth / .bin, through
+    convert.pickle_reader) or a sharded `*.safetensors.index.json` / `*.bin.index.json`."""
     path = Path(path)
     name = path.name
     if name.endswith(".safetensors.index.json"):
@@ -130,9 +131,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if name.endswith(".safetensors"):
         return read_safetensors(path)
     if name.endswith((".bin", ".ckpt", ".pt", ".pth")):
-        raise TensorFileError(f"{path}: pickled PyTorch files are not read yet; re-save the model with "
-                              f"save_pretrained(..., safe_serialization=True)")
-    raise TensorFileError(f"{path}: unknown tensor file type (expected .safetensors or .safetensors.index.json)")
+        from convert.pickle_reader import read_pickle_state_dict  # allow-list unpickler, no torch
+        return read_pickle_state_dict(path)
+    if name.endswith(".bin.index.json"):
+        return read_sharded(path)
+    raise TensorFileError(f"{path}: unknown tensor file type (expected .safetensors, .ckpt, .pt, .pth, .bin "
+                          f"or a sharded index)")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
