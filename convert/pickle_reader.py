@@ -200,21 +200,29 @@ def load_pickle(path: str | os.PathLike) -> Any:
 
 
 def read_pickle_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a checkpoint as a flat {key: array}.
+    """The tensors of a checkpoint as a flat {key: array} (see `read_pickle_checkpoint`)."""
+    return read_pickle_checkpoint(path)[0]
+
+
+def read_pickle_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, info): the flat {key: array} and the scalar entries around it (e.g. `global_step`).
 
     Lightning wrappers (`{"state_dict": {...}, "global_step": ..., "optimizer_states": ...}`) are
     unwrapped as diffusers does (`while "state_dict" in checkpoint`, single_file_utils.py
-    `load_single_file_checkpoint`); entries that are not tensors (steps, epochs, callbacks) are dropped.
+    `load_single_file_checkpoint`); entries that are not tensors (steps, epochs, callbacks) are dropped
+    from the tensors, and the int / float / str ones are returned in `info`.
     """
     obj = load_pickle(path)
+    info: dict[str, Any] = {}
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        info.update({str(k): v for k, v in obj.items() if isinstance(v, (int, float, str, np.generic))})
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise PickleFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
     if not tensors:
         raise PickleFileError(f"{path}: no tensors at the top level (keys: {', '.join(map(str, list(obj)[:5]))})")
-    return tensors
+    return tensors, info
 
 
 def _entry_array(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
