@@ -372,7 +372,7 @@ def openclip_to_hf(t: Mapping[str, np.ndarray], *, layers: int, projection: bool
             out["text_model.final_layer_norm." + key.split(".", 1)[1]] = a
         elif key == "text_projection":
             if projection:
-                out["text_projection.weight"] = np.ascontiguousarray(a.T)
+                out["text_projection.weight"] = a.T
         elif key in ("logit_scale", "attn_mask"):
             continue
         elif m := re.match(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key):

@@ -12,14 +12,16 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from convert import original_layout
-from convert.diffusers_layout import convert_state_dict
+from convert.diffusers_layout import plan_conversion, unflatten
 from convert.export import to_torch_state_dict
 from convert.formats import read_safetensors, read_tensors, write_safetensors
 from convert.pickle_reader import read_pickle_checkpoint
-from jaxdiff.components import KINDS, cast_params
+from jaxdiff.components import KINDS
 from jaxdiff.errors import CheckpointError
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.tokenizer import Tokenizer
@@ -31,7 +33,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, info) of one .safetensors or pickled checkpoint; info may hold `global_step`."""
     if path.suffix == ".safetensors":
-        return read_safetensors(path), {}
+        return read_safetensors(path, lazy=True), {}
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return read_pickle_checkpoint(path)
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r} (expected one of "
@@ -60,12 +62,24 @@ def load_single_file(path, dtype, param_dtype, *, vae=None, prediction_type: str
 
 
 def build_component(part: Mapping[str, Any], source: str, dtype, param_dtype):
-    """{"class_name", "config", "tensors"} (diffusers names) -> a jaxdiff Component."""
+    """{"class_name", "config", "tensors"} (diffusers names) -> a jaxdiff Component.
+
+    The strict table of convert.diffusers_layout, applied one tensor at a time: each is read, laid out,
+    cast and placed on the device before the next, so peak memory stays near the params' own size
+    (a full-size SDXL file would otherwise sit in memory two or three times over).
+    """
     kind = KINDS[part["class_name"]]
     config = kind.config_cls.from_dict(part["config"], source)
     tensors = kind.canonical_keys(part["tensors"])
-    params = convert_state_dict(tensors, kind.param_shapes(config), source=source, ignore=kind.ignore)
-    return kind.component(config, cast_params(params, param_dtype), dtype)
+    plan = plan_conversion({k: tuple(v.shape) for k, v in tensors.items()}, kind.param_shapes(config),
+                           source=source, ignore=kind.ignore)
+    flat = {}
+    for path, (key, layout) in plan.items():
+        a = layout(np.asarray(tensors[key]))
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            a = a.astype(param_dtype)  # a contiguous copy in the param dtype
+        flat[path] = jax.device_put(np.ascontiguousarray(a))
+    return kind.component(config, unflatten(flat), dtype)
 
 
 def vae_part(vae, family: str) -> dict[str, Any]:
