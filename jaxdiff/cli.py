@@ -212,7 +212,7 @@ def _generate(args) -> None:
     sharding.initialize_distributed()  # no-op on one host; must precede every other JAX call
     if args.compile_cache is not None:
         generation.enable_compilation_cache(args.compile_cache)
-    pipe = _load(model_path, args.dtype, vae=args.vae)
+    pipe = _load(model_path, args.dtype, **_vae_kwargs(args))
     _check_clip_skip(pipe, args.clip_skip)
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
@@ -267,6 +267,11 @@ def _round8(size: tuple[int, int]) -> tuple[int, int]:
 def _load(path: Path, dtype: str, vae=None):
     from jaxdiff.loading import load
     return load(path, dtype=dtype, vae=vae)
+
+
+def _vae_kwargs(args) -> dict:
+    """`vae=` only when --vae is given (so `_load(path, dtype)` stays the two-argument call)."""
+    return {"vae": args.vae} if args.vae is not None else {}
 
 
 # -- interrupts ------------------------------------------------------------------------------------------
@@ -366,7 +371,7 @@ def _convert(args) -> None:
         raise UsageError(f"{args.vae}: --vae file or folder not found")
     if args.to == "single-file" and not str(args.dst).endswith(".safetensors"):
         raise UsageError(f"{args.dst}: --to single-file writes a .safetensors file; name it *.safetensors")
-    pipe = _load(Path(args.src), args.dtype, vae=args.vae)
+    pipe = _load(Path(args.src), args.dtype, **_vae_kwargs(args))
     if args.to == "native":
         pipe.save(args.dst)
     elif args.to == "diffusers":
