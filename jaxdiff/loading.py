@@ -1,4 +1,6 @@
-"""`jaxdiff.load`: a diffusers folder or a jaxdiff native folder -> Pipeline.
+"""`jaxdiff.load`: a diffusers folder, a jaxdiff native folder or a single-file checkpoint -> Pipeline.
+
+Single files (CompVis / SGM layout, .safetensors or pickled .ckpt) go through jaxdiff.single_file.
 
 A diffusers folder is read component by component as its `model_index.json` lists them: each
 network's `config.json` is parsed strictly (jaxdiff.models.configs), its weights are read from

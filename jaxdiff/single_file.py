@@ -18,8 +18,8 @@ import numpy as np
 
 from convert import original_layout
 from convert.diffusers_layout import plan_conversion, unflatten
-from convert.export import to_torch_state_dict
-from convert.formats import read_safetensors, read_tensors, write_safetensors
+from convert import export as _export
+from convert.formats import read_safetensors, read_tensors
 from convert.pickle_reader import read_pickle_checkpoint
 from jaxdiff.components import KINDS
 from jaxdiff.errors import CheckpointError
@@ -122,16 +122,11 @@ def export_single_file(pipe, dst, *, dtype: Any = None) -> None:
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: single files are written as .safetensors")
-    parts = {}
+    components = {}
     for name, component in pipe.components().items():
         part = _part(component)
-        kind = "unet" if name == "unet" else "vae" if name == "vae" else "clip"
-        config = _upstream_config(part)
-        parts[name] = {"config": config,
-                       "tensors": to_torch_state_dict(part["params"], kind=kind, dtype=_np_dtype(dtype))}
-    tensors = original_layout.from_diffusers(parts)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(dst, tensors, metadata={"format": "pt"})
+        components[name] = {"config": _upstream_config(part), "params": part["params"]}
+    _export.export_single_file(dst, components, dtype=_np_dtype(dtype))
 
 
 def _upstream_config(part: Mapping[str, Any]) -> dict[str, Any]:

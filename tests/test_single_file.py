@@ -213,7 +213,8 @@ def test_ema_and_non_ema(models, tmp_path):
     ema = type(pipe.unet).from_config(pipe.unet.config).eval()
     path = T.write_single_file(pipe, folder, tmp_path / "ema.safetensors", ema_unet=ema)
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(path).items()}
-    assert sum(k.startswith("model_ema.") for k in tensors) > 100 or len(T.state_dict(ema)) <= 100
+    unet_keys = [k for k in tensors if k.startswith("model.diffusion_model.")]
+    assert all(original_layout.ema_key(k) in tensors for k in unet_keys) and len(unet_keys) > 100
     theirs = convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config), extract_ema=True)
     _assert_same_weights({k: v.numpy() for k, v in theirs.items()}, ema, "diffusers extract_ema")
     _assert_same_weights(_torch_sd(jaxdiff.load(path).unet, "unet"), pipe.unet, "default (model.*)")
@@ -285,6 +286,12 @@ def test_cli_convert_to_single_file_and_generate_with_vae(models, tmp_path, caps
         "StableDiffusionPipeline"
     rc = cli.main(["generate", "x", "--model", str(path), "--vae", str(tmp_path / "missing.safetensors")])
     assert rc == 2 and "--vae" in capsys.readouterr().err
+    # --vae reaches the library: a VAE file of the wrong shape is refused, naming that file.
+    write_safetensors(tmp_path / "bad_vae.safetensors", {"encoder.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32)})
+    rc = cli.main(["generate", "x", "--model", str(path), "--vae", str(tmp_path / "bad_vae.safetensors"),
+                   "--no-compile-cache", "--quiet", "--steps", "1", "--out", str(tmp_path / "gen")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad_vae.safetensors" in err and len(err.strip().splitlines()) == 1, err
 
 
 # --------------------------------------------------------------------------------------- errors
