@@ -243,8 +243,13 @@ def test_separate_vae_file_and_folder(models, tmp_path):
     _assert_same_weights(_torch_sd(jaxdiff.load(path, vae=tmp_path / "vae.ckpt").vae, "vae"), other, "vae.ckpt")
 
 
-def test_prediction_type_override_and_sd2_default(models):
+def test_prediction_type_override_and_sd2_default(models, tmp_path):
+    """SD2 defaults to v-prediction except at SD2-base's global_step 875000 (diffusers' legacy rule)."""
     assert jaxdiff.load(models["sd2"][2]).scheduler_config["prediction_type"] == "v_prediction"
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(models["sd2"][2]).items()}
+    torch.save({"state_dict": sd, "global_step": 875000}, tmp_path / "base.ckpt")
+    base = jaxdiff.load(tmp_path / "base.ckpt")
+    assert base.scheduler_config["prediction_type"] == "epsilon" and base.unet.config.sample_size == 64
     pipe = jaxdiff.load(models["sd2"][2], prediction_type="epsilon")
     assert pipe.scheduler_config["prediction_type"] == "epsilon"
     with pytest.raises(JaxdiffError, match="prediction_type"):
