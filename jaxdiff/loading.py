@@ -87,8 +87,10 @@ def _weights_file(folder: Path, stem: str) -> Path:
                  f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json"):
         if (folder / name).is_file():
             return folder / name
-    # Pickled weights, read by convert.pickle_reader's allow-list unpickler (issue 18).
-    for name in (f"{stem}.bin", f"{stem}.bin.index.json", f"{stem}.fp16.bin"):
+    # Pickled weights, read by convert.pickle_reader's allow-list unpickler (issue 18). transformers
+    # names them pytorch_model.bin where its safetensors are model.safetensors.
+    bin_stem = "pytorch_model" if stem == "model" else stem
+    for name in (f"{bin_stem}.bin", f"{bin_stem}.bin.index.json", f"{bin_stem}.fp16.bin"):
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(f"{folder}: no weights file ({stem}.safetensors or a sharded index)")

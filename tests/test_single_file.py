@@ -260,6 +260,11 @@ def test_bin_diffusers_folder(models, tmp_path):
     pipe, _, _, _ = models["sd1"]
     pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert list((tmp_path / "bin" / "unet").glob("*.bin"))
+    # transformers 5 writes safetensors whatever it is asked; older folders hold pytorch_model.bin.
+    te = tmp_path / "bin" / "text_encoder"
+    for f in te.glob("*.safetensors"):
+        f.unlink()
+    torch.save({k: torch.from_numpy(v) for k, v in T.state_dict(pipe.text_encoder).items()}, te / "pytorch_model.bin")
     got = jaxdiff.load(tmp_path / "bin")
     _assert_same_weights(_torch_sd(got.unet, "unet"), pipe.unet, "bin unet")
     _assert_same_weights(_torch_sd(got.text_encoder, "clip"), pipe.text_encoder, "bin text encoder")
