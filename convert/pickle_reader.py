@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from convert.errors import CheckpointError
+from convert.formats import LazyTensor
 
 try:
     import ml_dtypes
@@ -74,11 +75,40 @@ class _Inert:
         pass
 
 
+class _LazyStorage:
+    """A stored (uncompressed) storage left in the file: contiguous tensors over it become LazyTensors,
+    read only when converted (see convert.formats.LazyTensor)."""
+
+    def __init__(self, path: Path, start: int, dtype: np.dtype, numel: int):
+        self.path, self.start, self.dtype, self.size = path, start, dtype, numel
+        self.itemsize = dtype.itemsize
+
+    def array(self) -> np.ndarray:
+        if self.size == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.start, shape=(self.size,))
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     """`torch._utils._rebuild_tensor{,_v2}`: a (strided) view of the storage's flat array."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise ValueError(f"tensor of size {size}, stride {stride}, offset {offset}")
+    if isinstance(storage, _LazyStorage):
+        n = int(np.prod(size))
+        if n and all(a == b for a, b, m in zip(stride, _contiguous_strides(size), size) if m > 1):
+            if offset + n > storage.size:
+                raise ValueError(f"tensor reaches element {offset + n - 1} of a storage of {storage.size}")
+            return LazyTensor(storage.path, storage.start + offset * storage.itemsize, storage.dtype, size)
+        storage = storage.array()
     if 0 in size:
         return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -157,8 +187,10 @@ class _SafeUnpickler(pickle.Unpickler):
         return self.load_storage(storage_type.dtype, str(key), int(numel))
 
 
-def load_pickle(path: str | os.PathLike) -> Any:
-    """Unpickles a torch zip checkpoint with tensors as numpy arrays (read-only, possibly memory-mapped).
+def load_pickle(path: str | os.PathLike, *, lazy: bool = False) -> Any:
+    """Unpickles a torch zip checkpoint with tensors as numpy arrays (read-only, possibly memory-mapped),
+    or with `lazy=True` contiguous tensors of stored storages as convert.formats.LazyTensor (read when
+    converted; a large checkpoint then never sits in memory whole).
 
     Raises:
       PickleFileError naming the file: not a torch zip, truncated, a global outside the allow-list.
@@ -181,7 +213,15 @@ def load_pickle(path: str | os.PathLike) -> Any:
             def load_storage(dtype: np.dtype, key: str, numel: int) -> np.ndarray:
                 if key not in storages:
                     dt = dtype.newbyteorder(">") if big and dtype.itemsize > 1 else dtype
-                    raw = _entry_array(path, zf, f"{root}/data/{key}")
+                    name = f"{root}/data/{key}"
+                    if lazy and dt == dtype and zf.getinfo(name).compress_type == zipfile.ZIP_STORED:
+                        start, size = _entry_span(path, zf, name)
+                        if size < numel * dtype.itemsize:
+                            raise PickleFileError(f"{path}: truncated file: storage {key} holds {size} "
+                                                  f"bytes, expected {numel * dtype.itemsize}")
+                        storages[key] = _LazyStorage(path, start, dtype, numel)
+                        return storages[key]
+                    raw = _entry_array(path, zf, name)
                     if raw.size < numel * dt.itemsize:
                         raise PickleFileError(f"{path}: truncated file: storage {key} holds {raw.size} "
                                               f"bytes, expected {numel * dt.itemsize}")
@@ -204,7 +244,8 @@ def read_pickle_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return read_pickle_checkpoint(path)[0]
 
 
-def read_pickle_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def read_pickle_checkpoint(path: str | os.PathLike, *, lazy: bool = False
+                           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, info): the flat {key: array} and the scalar entries around it (e.g. `global_step`).
 
     Lightning wrappers (`{"state_dict": {...}, "global_step": ..., "optimizer_states": ...}`) are
@@ -212,14 +253,14 @@ def read_pickle_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarra
     `load_single_file_checkpoint`); entries that are not tensors (steps, epochs, callbacks) are dropped
     from the tensors, and the int / float / str ones are returned in `info`.
     """
-    obj = load_pickle(path)
+    obj = load_pickle(path, lazy=lazy)
     info: dict[str, Any] = {}
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         info.update({str(k): v for k, v in obj.items() if isinstance(v, (int, float, str, np.generic))})
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise PickleFileError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, (np.ndarray, LazyTensor))}
     if not tensors:
         raise PickleFileError(f"{path}: no tensors at the top level (keys: {', '.join(map(str, list(obj)[:5]))})")
     return tensors, info
@@ -230,6 +271,15 @@ def _entry_array(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
     info = zf.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         return np.frombuffer(zf.read(name), np.uint8)
+    start, size = _entry_span(path, zf, name)
+    if size == 0:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size,))
+
+
+def _entry_span(path: Path, zf: zipfile.ZipFile, name: str) -> tuple[int, int]:
+    """(file offset, size) of a stored zip member's data."""
+    info = zf.getinfo(name)
     # The local header (30 bytes + name + extra) precedes the data; its lengths may differ from the
     # central directory's, so read them from the local header itself (zip APPNOTE 4.3.7).
     with open(path, "rb") as f:
@@ -241,9 +291,7 @@ def _entry_array(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > path.stat().st_size:
         raise PickleFileError(f"{path}: truncated file: {name} runs past the end; re-download it")
-    if info.file_size == 0:
-        return np.zeros(0, np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(info.file_size,))
+    return start, info.file_size
 
 
 def _not_zip_message(path: Path) -> str:

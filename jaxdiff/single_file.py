@@ -35,7 +35,7 @@ def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if path.suffix == ".safetensors":
         return read_safetensors(path, lazy=True), {}
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        return read_pickle_checkpoint(path)
+        return read_pickle_checkpoint(path, lazy=True)
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r} (expected one of "
                           f"{', '.join(SUFFIXES)})")
 

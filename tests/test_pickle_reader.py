@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convert.errors import CheckpointError
-from convert.pickle_reader import load_pickle, read_pickle_state_dict
+from convert.pickle_reader import load_pickle, read_pickle_checkpoint, read_pickle_state_dict
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -55,6 +55,12 @@ def test_dtypes_views_and_shared_storages_match_torch_load(tmp_path):
         _assert_same(ours[k], ref[k])
     # Views of one storage share memory, as they do in torch.
     assert np.shares_memory(ours["view_rows"], ours["base"]) and np.shares_memory(ours["tied"], ours["base"])
+    # Lazily read (contiguous tensors stay in the file until np.asarray), the same values.
+    lazy, _ = read_pickle_checkpoint(path, lazy=True)
+    assert set(lazy) == set(ref)
+    assert type(lazy["f32"]).__name__ == "LazyTensor" and type(lazy["view_t"]) is not type(lazy["f32"])
+    for k in ref:
+        _assert_same(np.asarray(lazy[k]), ref[k])
 
 
 def test_lightning_wrapper_and_flat_state_dict(tmp_path):
