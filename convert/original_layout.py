@@ -152,8 +152,9 @@ def unet_table(s: UNetShape) -> dict[str, tuple[str, dict[str, str]]]:
          "input_blocks.0.0": ("conv_in", {}), "out.0": ("conv_norm_out", {}), "out.2": ("conv_out", {}),
          "label_emb.0.0": ("add_embedding.linear_1", {}), "label_emb.0.2": ("add_embedding.linear_2", {}),
          "middle_block.0": ("mid_block.resnets.0", _RESNET_UNET),
-         "middle_block.1" if s.mid_attention else "-": ("mid_block.attentions.0", {}),
          f"middle_block.{2 if s.mid_attention else 1}": ("mid_block.resnets.1", _RESNET_UNET)}
+    if s.mid_attention:
+        t["middle_block.1"] = ("mid_block.attentions.0", {})
     for b in range(n):
         for j in range(L):
             i = 1 + b * (L + 1) + j
@@ -170,7 +171,6 @@ def unet_table(s: UNetShape) -> dict[str, tuple[str, dict[str, str]]]:
         if b < n - 1:  # the upsampler follows the last resnet (and its attention, if any)
             i = b * (L + 1) + L
             t[f"output_blocks.{i}.{2 if s.attn_up[b] else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", {})
-    t.pop("-", None)
     return t
 
 
