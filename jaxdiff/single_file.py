@@ -4,7 +4,7 @@ and separate VAE files -> Pipeline, and a Pipeline -> one original-layout `.safe
 The key rules and every size live in convert.original_layout (a leaf); this module reads the file
 (safetensors, or a pickled .ckpt through convert.pickle_reader's allow-list: no torch, no code from the
 file), turns each network into its jaxdiff component through the same Kind table and strict
-convert_state_dict as diffusers folders, and assembles the Pipeline.
+convert.diffusers_layout table as diffusers folders, one tensor at a time, and assembles the Pipeline.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert import export as _export
 from convert import original_layout
 from convert.diffusers_layout import plan_conversion, unflatten
-from convert import export as _export
 from convert.formats import read_safetensors, read_tensors
 from convert.pickle_reader import read_pickle_checkpoint
 from jaxdiff.components import KINDS

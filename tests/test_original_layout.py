@@ -132,7 +132,6 @@ def test_ema_names_follow_diffusers():
 
 
 def test_unknown_and_foreign_tensors_are_refused():
-    ucfg, vcfg, clips = FULL["sd1"]
     with pytest.raises(ol.OriginalLayoutError, match="not a Stable Diffusion checkpoint"):
         ol.to_diffusers({"lora_unet_x.alpha": np.zeros(())}, source="f.safetensors")
     with pytest.raises(ol.OriginalLayoutError, match="without a known text encoder"):

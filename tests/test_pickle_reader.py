@@ -1,7 +1,6 @@
 """convert.pickle_reader against torch.load of files written by torch.save, and hostile pickles."""
 from __future__ import annotations
 
-import io
 import pickle
 import zipfile
 from collections import OrderedDict

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # from_single_file must never reac
 
 import json
 import zipfile
-from pathlib import Path
 
 import jax
 import numpy as np
