@@ -97,8 +97,27 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+class _LegacyStorage:
+    """A storage of the legacy format, whose bytes follow the object pickle: filled in afterwards."""
+
+    def __init__(self, dtype: np.dtype, numel: int, offset: int = 0):
+        self.dtype, self.numel, self.offset, self.array = dtype, numel, offset, None
+
+
+class _Deferred:
+    """A legacy-format tensor, rebuilt once its storage has been read (see `_load_legacy`)."""
+
+    def __init__(self, storage: _LegacyStorage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def resolve(self) -> np.ndarray:
+        return _rebuild_tensor(self.storage.array, self.storage.offset + self.offset, self.size, self.stride)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     """`torch._utils._rebuild_tensor{,_v2}`: a (strided) view of the storage's flat array."""
+    if isinstance(storage, _LegacyStorage):
+        return _Deferred(storage, int(offset), size, stride)
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
         raise ValueError(f"tensor of size {size}, stride {stride}, offset {offset}")
@@ -184,7 +203,8 @@ class _SafeUnpickler(pickle.Unpickler):
             raise PickleFileError(f"{self.source}: unsupported persistent id {str(pid)[:80]} "
                                   f"(not a typed tensor storage)")
         _, storage_type, key, _location, numel = pid[:5]
-        return self.load_storage(storage_type.dtype, str(key), int(numel))
+        view = pid[5] if len(pid) > 5 else None  # legacy format: (view key, offset, size) or None
+        return self.load_storage(storage_type.dtype, str(key), int(numel), view)
 
 
 def load_pickle(path: str | os.PathLike, *, lazy: bool = False) -> Any:
@@ -199,6 +219,8 @@ def load_pickle(path: str | os.PathLike, *, lazy: bool = False) -> Any:
     if not path.is_file():
         raise PickleFileError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
+        if _is_legacy(path):
+            return _load_legacy(path)
         raise PickleFileError(_not_zip_message(path))
     try:
         with zipfile.ZipFile(path) as zf:
@@ -210,7 +232,7 @@ def load_pickle(path: str | os.PathLike, *, lazy: bool = False) -> Any:
             big = f"{root}/byteorder" in zf.namelist() and zf.read(f"{root}/byteorder").strip() == b"big"
             storages: dict[str, np.ndarray] = {}
 
-            def load_storage(dtype: np.dtype, key: str, numel: int) -> np.ndarray:
+            def load_storage(dtype: np.dtype, key: str, numel: int, view=None) -> np.ndarray:
                 if key not in storages:
                     dt = dtype.newbyteorder(">") if big and dtype.itemsize > 1 else dtype
                     name = f"{root}/data/{key}"
@@ -294,17 +316,87 @@ def _entry_span(path: Path, zf: zipfile.ZipFile, name: str) -> tuple[int, int]:
     return start, info.file_size
 
 
+def _is_legacy(path: Path) -> bool:
+    """Whether the file opens with the legacy format's pickled magic number (reading an int runs nothing)."""
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x80":
+            return False
+        f.seek(0)
+        try:
+            return _SafeUnpickler(f, source=path, load_storage=None).load() == _LEGACY_MAGIC
+        except Exception:
+            return False
+
+
+def _load_legacy(path: Path) -> Any:
+    """torch's pre-1.6 format (torch/serialization.py `_legacy_save`): consecutive pickles of the magic
+    number, the protocol version, sys_info, the object (storages as persistent ids), the storage keys;
+    then each storage as an int64 element count and its raw bytes, in the keys' order."""
+    storages: dict[str, _LegacyStorage] = {}
+
+    def load_storage(dtype: np.dtype, key: str, numel: int, view=None):
+        root = storages.setdefault(key, _LegacyStorage(dtype, numel))
+        if view is None:
+            return root
+        _view_key, offset, _size = view  # a view into a larger storage: its bytes from an element offset
+        return _ViewOf(root, int(offset))
+
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic, protocol version, sys_info
+                info = _SafeUnpickler(f, source=path, load_storage=None).load()
+            if isinstance(info, dict) and not info.get("little_endian", True):
+                raise PickleFileError(f"{path}: a big-endian legacy checkpoint; re-save it as .safetensors")
+            obj = _SafeUnpickler(f, source=path, load_storage=load_storage).load()
+            keys = _SafeUnpickler(f, source=path, load_storage=None).load()
+            for key in keys:
+                storage = storages[str(key)]
+                (numel,) = struct.unpack("<q", f.read(8))
+                data = f.read(numel * storage.dtype.itemsize)
+                if len(data) != numel * storage.dtype.itemsize:
+                    raise PickleFileError(f"{path}: truncated file (storage {key}); re-download it")
+                storage.array = np.frombuffer(data, storage.dtype)
+    except PickleFileError:
+        raise
+    except (EOFError, OSError, struct.error, KeyError) as e:
+        raise PickleFileError(f"{path}: truncated or corrupt legacy PyTorch checkpoint ({e}); re-download it") from None
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise PickleFileError(f"{path}: unreadable legacy PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        return _resolve(obj)
+    except ValueError as e:
+        raise PickleFileError(f"{path}: unreadable legacy PyTorch checkpoint ({e})") from None
+
+
+class _ViewOf(_LegacyStorage):
+    """A legacy storage view: the root's bytes from an element offset on."""
+
+    def __init__(self, root: _LegacyStorage, offset: int):
+        self.root, self.dtype, self.offset = root, root.dtype, offset
+
+    @property
+    def array(self):
+        return self.root.array
+
+
+def _resolve(obj):
+    """Rebuilds the deferred legacy tensors inside dicts, lists and tuples."""
+    if isinstance(obj, _Deferred):
+        return obj.resolve()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _resolve(v)
+        return obj
+    if isinstance(obj, list):
+        return [_resolve(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_resolve(v) for v in obj)
+    return obj
+
+
 def _not_zip_message(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:1] == b"\x80":
-        try:  # the legacy format opens with a pickled magic number; reading an int runs nothing
-            with open(path, "rb") as f:
-                magic = _SafeUnpickler(f, source=path, load_storage=None).load()
-        except Exception:
-            magic = None
-        if magic == _LEGACY_MAGIC:
-            return (f"{path}: PyTorch's legacy (pre-1.6) checkpoint format is not read; re-save it with "
-                    f"torch.save(torch.load(f, weights_only=True), f2) or as .safetensors")
-        return f"{path}: a bare pickle, not a PyTorch zip checkpoint; re-save it as .safetensors"
+        return f"{path}: a bare pickle, not a PyTorch checkpoint; re-save it as .safetensors"
     return f"{path}: not a PyTorch checkpoint (not a zip archive); truncated or another file type"

@@ -62,6 +62,22 @@ def test_dtypes_views_and_shared_storages_match_torch_load(tmp_path):
         _assert_same(np.asarray(lazy[k]), ref[k])
 
 
+def test_legacy_format_matches_torch_load(tmp_path):
+    """torch < 1.6's non-zip format (consecutive pickles, storages after the object)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5, 4, generator=g)
+    sd = {"f32": torch.randn(3, 2, generator=g), "f16": torch.randn(6, generator=g).half(),
+          "bf16": torch.randn(2, 2, generator=g).bfloat16(), "view_t": base.t(), "rows": base[1:3], "base": base,
+          "nested": {"x": torch.arange(4)}}
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7}, path, _use_new_zipfile_serialization=False)
+    ref = torch.load(path, weights_only=True)["state_dict"]
+    tensors, info = read_pickle_checkpoint(path)
+    assert info["global_step"] == 7 and set(tensors) == set(ref) - {"nested"}
+    for k in tensors:
+        _assert_same(tensors[k], ref[k])
+
+
 def test_lightning_wrapper_and_flat_state_dict(tmp_path):
     g = torch.Generator().manual_seed(1)
     sd = {"model.diffusion_model.out.2.weight": torch.randn(4, 8, 3, 3, generator=g),
@@ -107,6 +123,16 @@ def test_hostile_pickle_refused_and_never_runs(tmp_path, module, name):
     assert not marker.exists()
 
 
+def test_hostile_legacy_format_pickle_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    head = b"".join(pickle.dumps(x, 2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    path = tmp_path / "legacy_hostile.pt"
+    path.write_bytes(head + _payload("os", "system", marker))
+    with pytest.raises(CheckpointError, match="os.system") as e:
+        read_pickle_state_dict(path)
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
 def test_hostile_payload_is_real(tmp_path):
     """The same opcodes do run under plain pickle, so the refusal above is what protects."""
     marker = tmp_path / "ran"
@@ -119,8 +145,9 @@ def test_truncated_and_foreign_files_give_one_line(tmp_path):
     raw = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "text.ckpt").write_text("hello")
-    torch.save({"w": torch.randn(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    for name in ("cut.pt", "text.ckpt", "legacy.pt", "missing.ckpt"):
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy_cut.pt").write_bytes((tmp_path / "legacy.pt").read_bytes()[:-100])
+    for name in ("cut.pt", "text.ckpt", "legacy_cut.pt", "missing.ckpt"):
         with pytest.raises(CheckpointError) as e:
             read_pickle_state_dict(tmp_path / name)
         assert "\n" not in str(e.value) and name in str(e.value)
