@@ -12,6 +12,9 @@ only a handful of globals. `_SafeUnpickler.find_class` returns our own numpy sta
 every other global with a one-line error naming the file and the global, before anything is called:
 a payload such as `os.system` or `builtins.exec` is never even imported.
 
+torch's legacy (pre-1.6) format, consecutive pickles with the storages' bytes after the object, is read
+through the same unpickler (`_load_legacy`); the even older tar format is refused with a clear message.
+
 Offsets and strides count elements; tensors that share a storage (views, tied weights) become numpy
 views of one buffer. Stored (uncompressed) storages are memory-mapped, so a multi-GB checkpoint is not
 copied into memory until its tensors are used.
