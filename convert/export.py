@@ -1,4 +1,5 @@
-"""jaxdiff param trees -> PyTorch layouts: diffusers folders and LoRA files (kohya / A1111 and diffusers).
+"""jaxdiff param trees -> PyTorch layouts: diffusers folders, original-layout single files and LoRA files
+(kohya / A1111 and diffusers).
 
 The inverse of convert.diffusers_layout. A Flax path component `<name>_<N>` is a child of a torch
 ModuleList exactly when `<name>` is one of that library's ModuleList containers, so the inverse is an
@@ -218,6 +219,30 @@ def export_diffusers_folder(dst: str | os.PathLike, components: Mapping[str, Map
             index.update(safety_checker=[None, None], feature_extractor=[None, None],
                          image_encoder=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --- single files (CompVis / SGM original layout) -------------------------------------------------------
+
+def export_single_file(dst: str | os.PathLike, components: Mapping[str, Mapping[str, Any]], *,
+                       dtype: Any = None, family: str | None = None) -> None:
+    """Writes a pipeline as one original-layout `.safetensors` (convert.original_layout's names) that
+    diffusers' `from_single_file`, ComfyUI and A1111 read.
+
+    Args:
+      dst: the file (written atomically).
+      components: name ("unet", "vae", "text_encoder", "text_encoder_2") -> {"config": dict of config
+        fields, "params": jaxdiff param tree}.
+      dtype: cast float params (e.g. np.float16); None keeps them.
+      family: "sd1" | "sd2" | "sdxl" | "sdxl_refiner"; None decides from the text encoders.
+    """
+    from convert import original_layout
+    kinds = {"unet": "unet", "vae": "vae", "text_encoder": "clip", "text_encoder_2": "clip"}
+    parts = {name: {"config": dict(part["config"]),
+                    "tensors": to_torch_state_dict(part["params"], kind=kinds[name], dtype=dtype)}
+             for name, part in components.items()}
+    tensors = original_layout.from_diffusers(parts, family=family)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(dst, tensors, metadata={"format": "pt"})
 
 
 # --- LoRA files --------------------------------------------------------------------------------------

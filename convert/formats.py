@@ -48,10 +48,66 @@ class TensorFileError(CheckpointError):
     """A tensor file is missing, truncated, malformed or unsupported. The message names the file."""
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+class LazyTensor:
+    """One tensor of a file, read (with pread, into fresh memory) when `np.asarray` converts it.
+
+    Loading a multi-GB checkpoint then holds one source tensor at a time besides the converted params:
+    a memory map would instead keep every page it touched resident in the process (its RSS). Row
+    slices (`t[a:b]`), `.T` and `.reshape` are deferred, which is all the layout converters use.
+    """
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], ops: tuple = ()):
+        self.path, self.offset, self.dtype, self.base_shape, self.ops = path, offset, dtype, shape, ops
+        shape = tuple(shape)
+        for op in ops:
+            shape = shape[::-1] if op == "T" else op
+        self.shape = shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __getitem__(self, index):
+        if self.ops or not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("LazyTensor supports only a row slice of an unmodified tensor")
+        start, stop, _ = index.indices(self.shape[0])
+        row = math.prod(self.shape[1:]) * self.dtype.itemsize
+        return LazyTensor(self.path, self.offset + start * row, self.dtype,
+                          (max(stop - start, 0),) + self.shape[1:])
+
+    @property
+    def T(self) -> "LazyTensor":
+        return LazyTensor(self.path, self.offset, self.dtype, self.base_shape, self.ops + ("T",))
+
+    def reshape(self, *shape) -> "LazyTensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"cannot reshape {self.shape} to {shape}")
+        return LazyTensor(self.path, self.offset, self.dtype, self.base_shape, self.ops + (tuple(shape),))
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.empty(self.base_shape, self.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(memoryview(a.reshape(-1).view(np.uint8))) != a.nbytes:
+                raise TensorFileError(f"{self.path}: truncated while reading a tensor; re-download it")
+        for op in self.ops:
+            a = a.T if op == "T" else a.reshape(op)
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self):
+        return f"LazyTensor({self.path.name}, {self.dtype}, {self.shape})"
+
+
+def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict[str, np.ndarray]:
     """Reads every tensor of one .safetensors file.
 
-    Returns read-only numpy arrays backed by a memory map of the file (no copy until used).
+    Returns read-only numpy arrays backed by a memory map of the file (no copy until used), or with
+    `lazy=True` LazyTensors that read each tensor only when it is converted (for large checkpoints).
     Raises TensorFileError naming the file for anything truncated, overlapping or malformed.
     """
     path = Path(path)
@@ -97,12 +153,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise TensorFileError(f"{path}: tensors {name0!r} and {name1!r} overlap")
     if not spans:
         return {}
+    if lazy:
+        return {name: LazyTensor(path, 8 + n + begin, dtype, shape) for begin, end, name, dtype, shape in spans}
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,))
     return {name: data[begin:end].view(dtype).reshape(shape) for begin, end, name, dtype, shape in spans}
 
 
 def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a sharded checkpoint through its `*.safetensors.index.json` weight map."""
+    """Reads a sharded checkpoint through its `*.safetensors.index.json` (or `*.bin.index.json`) map."""
     index_path = Path(index_path)
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -112,7 +170,7 @@ def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise TensorFileError(f"{index_path}: not a valid shard index (needs a 'weight_map')") from None
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-        part = read_safetensors(index_path.parent / shard)
+        part = read_tensors(index_path.parent / shard)
         tensors.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
@@ -122,7 +180,8 @@ def read_sharded(index_path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file or a sharded `*.safetensors.index.json`."""
+    """Reads a .safetensors file, a pickled PyTorch file (.ckpt / .pt / .pth / .bin, through
+    convert.pickle_reader) or a sharded `*.safetensors.index.json` / `*.bin.index.json`."""
     path = Path(path)
     name = path.name
     if name.endswith(".safetensors.index.json"):
@@ -130,9 +189,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if name.endswith(".safetensors"):
         return read_safetensors(path)
     if name.endswith((".bin", ".ckpt", ".pt", ".pth")):
-        raise TensorFileError(f"{path}: pickled PyTorch files are not read yet; re-save the model with "
-                              f"save_pretrained(..., safe_serialization=True)")
-    raise TensorFileError(f"{path}: unknown tensor file type (expected .safetensors or .safetensors.index.json)")
+        from convert.pickle_reader import read_pickle_state_dict  # allow-list unpickler, no torch
+        return read_pickle_state_dict(path)
+    if name.endswith(".bin.index.json"):
+        return read_sharded(path)
+    raise TensorFileError(f"{path}: unknown tensor file type (expected .safetensors, .ckpt, .pt, .pth, .bin "
+                          f"or a sharded index)")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],

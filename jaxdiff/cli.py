@@ -2,6 +2,7 @@
 
     jaxdiff generate "a red panda" --model sd15/ --steps 25 --sampler "DPM++ 2M" --schedule karras
     jaxdiff convert diffusers-folder/ native-folder/
+    jaxdiff convert v1-5-pruned-emaonly.safetensors sd15/ --to diffusers   (or --to single-file out.safetensors)
 
 Each subcommand lives in a `register(subparsers)` function that adds its parser and sets `run`
 (a function of the parsed args). `build_parser` calls the local ones and then `register` of every
@@ -142,6 +143,8 @@ def register_generate(sub) -> None:
                    help="how much of the init image is re-noised, in (0, 1] (default 0.75; 1.0 with --mask)")
     p.add_argument("--mask", metavar="FILE", help="inpainting mask (white = repaint); needs --init-image")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
+    p.add_argument("--vae", metavar="PATH",  # issue 18
+                   help="a separate VAE: an LDM VAE file (.safetensors/.ckpt) or a diffusers AutoencoderKL folder")
     p.add_argument("--compile-cache", metavar="DIR", default=_default_cache_dir(),
                    help="JAX persistent compilation cache (default $JAXDIFF_CACHE or ~/.cache/jaxdiff/xla)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
@@ -184,6 +187,8 @@ def _check_inputs(args) -> Path:
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
         if value is not None and not Path(value).is_file():
             raise UsageError(f"{value}: {flag} file not found")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise UsageError(f"{args.vae}: --vae file or folder not found")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image")
     if (args.height is None) != (args.width is None):
@@ -217,7 +222,7 @@ def _generate(args) -> None:
     sharding.initialize_distributed()  # no-op on one host; must precede every other JAX call
     if args.compile_cache is not None:
         generation.enable_compilation_cache(args.compile_cache)
-    pipe = _load(model_path, args.dtype)
+    pipe = _load(model_path, args.dtype, **_vae_kwargs(args))
     _check_clip_skip(pipe, args.clip_skip)
     _load_embeddings(pipe, args)
 
@@ -285,9 +290,14 @@ def _round8(size: tuple[int, int]) -> tuple[int, int]:
     return h // 8 * 8, w // 8 * 8
 
 
-def _load(path: Path, dtype: str):
+def _load(path: Path, dtype: str, vae=None):
     from jaxdiff.loading import load
-    return load(path, dtype=dtype)
+    return load(path, dtype=dtype, vae=vae)
+
+
+def _vae_kwargs(args) -> dict:
+    """`vae=` only when --vae is given (so `_load(path, dtype)` stays the two-argument call)."""
+    return {"vae": args.vae} if args.vae is not None else {}
 
 
 # -- interrupts ------------------------------------------------------------------------------------------
@@ -369,18 +379,33 @@ class _ProgressBar:
 # -- convert ---------------------------------------------------------------------------------------------
 
 def register_convert(sub) -> None:
-    p = sub.add_parser("convert", help="read a diffusers or jaxdiff folder, write jaxdiff's native format")
-    p.add_argument("src", help="diffusers folder (with model_index.json) or jaxdiff folder")
-    p.add_argument("dst", help="output folder (written atomically)")
+    p = sub.add_parser("convert", help="read a model (diffusers / jaxdiff folder, single file) and write it "
+                                       "in jaxdiff's native format, as a diffusers folder or as one file")
+    p.add_argument("src", help="diffusers folder, jaxdiff folder, or single-file .safetensors/.ckpt")
+    p.add_argument("dst", help="output folder, or a .safetensors file for --to single-file (written atomically)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="param dtype to store")
+    p.add_argument("--to", choices=("native", "diffusers", "single-file"), default="native",
+                   help="output format (default: native); single-file is the original CompVis / SGM layout")
+    p.add_argument("--vae", metavar="PATH", help="replace the VAE (a VAE file or a diffusers AutoencoderKL folder)")
     p.set_defaults(run=_convert)
 
 
 def _convert(args) -> None:
     if not Path(args.src).exists():
         raise UsageError(f"{args.src}: no such file or folder")
-    pipe = _load(Path(args.src), args.dtype)
-    pipe.save(args.dst)
+    if args.vae is not None and not Path(args.vae).exists():
+        raise UsageError(f"{args.vae}: --vae file or folder not found")
+    if args.to == "single-file" and not str(args.dst).endswith(".safetensors"):
+        raise UsageError(f"{args.dst}: --to single-file writes a .safetensors file; name it *.safetensors")
+    pipe = _load(Path(args.src), args.dtype, **_vae_kwargs(args))
+    if args.to == "native":
+        pipe.save(args.dst)
+    elif args.to == "diffusers":
+        from jaxdiff.export import export_pipeline
+        export_pipeline(pipe, args.dst, overwrite=True)
+    else:
+        from jaxdiff.single_file import export_single_file
+        export_single_file(pipe, args.dst)
     print(f"wrote {args.dst}")
 
 

@@ -3,6 +3,7 @@
     from jaxdiff.export import export_pipeline, export_model
     export_pipeline(pipe, "out/sd15-finetuned")     # StableDiffusion(XL)Pipeline.from_pretrained reads it
     export_model(pipe.unet, "out/unet")             # UNet2DConditionModel.from_pretrained reads it
+    export_single_file(pipe, "out/model.safetensors")  # one original-layout file (from_single_file, ComfyUI)
 
 The layout work lives in convert/export.py (a leaf that never imports jaxdiff); this module only turns
 jaxdiff objects into the plain dicts it takes. LoRA export is `jaxdiff.training.lora.export`.
@@ -87,3 +88,9 @@ def _np_dtype(dtype):
     if dtype is None:
         return None
     return np.dtype(jnp.dtype(dtype))
+
+
+def export_single_file(pipe, dst: str | os.PathLike, *, dtype: Any = None) -> None:
+    """One original-layout `.safetensors` (see jaxdiff.single_file.export_single_file; issue 18)."""
+    from jaxdiff.single_file import export_single_file as _write
+    _write(pipe, dst, dtype=dtype)

@@ -1,4 +1,6 @@
-"""`jaxdiff.load`: a diffusers folder or a jaxdiff native folder -> Pipeline.
+"""`jaxdiff.load`: a diffusers folder, a jaxdiff native folder or a single-file checkpoint -> Pipeline.
+
+Single files (CompVis / SGM layout, .safetensors or pickled .ckpt) go through jaxdiff.single_file.
 
 A diffusers folder is read component by component as its `model_index.json` lists them: each
 network's `config.json` is parsed strictly (jaxdiff.models.configs), its weights are read from
@@ -29,24 +31,35 @@ PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt",)
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def load(path, dtype: Any = "float32", *, param_dtype: Any = None) -> Pipeline:
+def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
+         prediction_type: str | None = None, prefer_ema: bool = False) -> Pipeline:
     """Loads a pipeline.
 
     Args:
-      path: a diffusers folder (with model_index.json) or a jaxdiff folder written by `Pipeline.save`.
+      path: a diffusers folder (with model_index.json; safetensors or .bin weights), a jaxdiff folder
+        written by `Pipeline.save`, or a single-file checkpoint (.safetensors / .ckpt / .pt / .pth in
+        the CompVis SD1 / SD2 or SGM SDXL layout).
       dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
       param_dtype: storage dtype of the params; defaults to `dtype`.
+      vae: (single files) a separate VAE: an LDM VAE file or a diffusers AutoencoderKL folder.
+      prediction_type: (single files) "epsilon" or "v_prediction", overriding the family default.
+      prefer_ema: (single files) load the UNet's EMA weights (model_ema.*) instead of model.*.
     Raises:
       CheckpointError / ConfigError naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_file():
-        raise CheckpointError(f"{path}: single-file checkpoints are not supported yet; pass a diffusers "
-                              f"folder (with model_index.json) or a folder written by `jaxdiff convert`")
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    # --- single files (issue 18) ---
+    if path.is_file():
+        from jaxdiff.single_file import load_single_file
+        return load_single_file(path, dtype, param_dtype, vae=vae, prediction_type=prediction_type,
+                                prefer_ema=prefer_ema)
+    if vae is not None or prediction_type is not None or prefer_ema:
+        raise CheckpointError(f"{path}: vae=, prediction_type= and prefer_ema= apply to single-file "
+                              f"checkpoints; a folder carries its own")
     if checkpoint.is_native(path):
         return _load_native(path, dtype, param_dtype)
     if (path / "model_index.json").is_file():
@@ -68,14 +81,18 @@ def _read_json(path: Path) -> dict:
 
 
 def _weights_file(folder: Path, stem: str) -> Path:
-    """The weights of one diffusers component, as diffusers itself would pick them (no variant asked)."""
+    """The weights of one diffusers component, as diffusers itself would pick them (no variant asked;
+    safetensors before pickled .bin)."""
     for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json",
                  f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.fp16.json"):
         if (folder / name).is_file():
             return folder / name
-    if any(folder.glob(f"{stem}*.bin")):
-        raise CheckpointError(f"{folder}: only pickled .bin weights found; jaxdiff reads safetensors: "
-                              f"re-save the model with save_pretrained(..., safe_serialization=True)")
+    # Pickled weights, read by convert.pickle_reader's allow-list unpickler (issue 18). transformers
+    # names them pytorch_model.bin where its safetensors are model.safetensors.
+    bin_stem = "pytorch_model" if stem == "model" else stem
+    for name in (f"{bin_stem}.bin", f"{bin_stem}.bin.index.json", f"{bin_stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return folder / name
     raise CheckpointError(f"{folder}: no weights file ({stem}.safetensors or a sharded index)")
 
 
