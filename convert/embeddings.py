@@ -137,18 +137,18 @@ def embedding_from_state_dict(state: Mapping, path: str | os.PathLike, *, token:
 
 
 def read_embedding(path: str | os.PathLike, *, token: str | None = None) -> Embedding:
-    """Reads a .safetensors textual-inversion file (or a .bin / .pt that is a safetensors file).
+    """Reads a textual-inversion file: .safetensors, or a pickled A1111 `.pt` / diffusers `.bin` read
+    through the allow-list unpickler (convert/pickle_reader.py: no code from the file runs).
 
     Raises:
-      EmbeddingFileError / TensorFileError: missing, truncated or malformed file, or a pickled one
-        (read those with convert/pickle_reader.py, then `embedding_from_state_dict`).
+      EmbeddingFileError / TensorFileError / PickleFileError: missing, truncated or malformed file.
     """
     path = Path(path)
     if not path.is_file():
         raise EmbeddingFileError(f"{path}: no such file")
     if not _is_safetensors(path):
-        raise EmbeddingFileError(f"{path}: not a safetensors file; pickled (.pt / .bin) embeddings need "
-                                 f"the pickle reader, or re-save the embedding as .safetensors")
+        from convert.pickle_reader import load_pickle
+        return embedding_from_state_dict(load_pickle(path), path, token=token, sha256=_sha256(path))
     return embedding_from_state_dict(read_safetensors(path), path, token=token, sha256=_sha256(path))
 
 

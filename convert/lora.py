@@ -107,12 +107,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+PICKLED = (".pt", ".pth", ".bin", ".ckpt")
+
+
 def read_lora(path: str | os.PathLike, modules: Mapping[str, Collection[str]]) -> LoraFile:
     """Reads a .safetensors LoRA / LyCORIS file and normalises it against the model's modules.
 
     Args:
-      path: the file. Pickled `.pt` / `.bin` / `.ckpt` files are refused here (read them with the
-        restricted unpickler and call `normalise`).
+      path: the file: .safetensors, or pickled `.pt` / `.pth` / `.bin` / `.ckpt` read through the
+        allow-list unpickler (convert/pickle_reader.py: no code from the file runs).
       modules: component -> the diffusers module paths of that component that carry a weight (e.g.
         {"unet": {"conv_in", "down_blocks.0.resnets.0.conv1", ...}, "text_encoder": {...}}).
     Raises:
@@ -120,9 +123,10 @@ def read_lora(path: str | os.PathLike, modules: Mapping[str, Collection[str]]) -
       module, factors whose ranks disagree.
     """
     path = Path(path)
-    if path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
-        raise LoraFileError(f"{path}: pickled LoRA files are not read yet; save it as .safetensors "
-                            "(e.g. with kohya's or diffusers' conversion scripts)")
+    if path.suffix.lower() in PICKLED:
+        from convert.pickle_reader import read_pickle_checkpoint
+        tensors, _ = read_pickle_checkpoint(path)
+        return normalise(tensors, modules, source=str(path))
     tensors = read_safetensors(path)
     return normalise(tensors, modules, metadata=read_metadata(path), source=str(path))
 
