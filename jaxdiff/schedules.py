@@ -23,20 +23,28 @@ from jaxdiff.models.configs import _freeze
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
-# Sigma schedules a sampler may be asked for. "default" is the scheduler's own spacing (diffusers without
-# use_*_sigmas); None in make_plan means "whatever the checkpoint's scheduler config asks for".
+# Sigma schedules a sampler may be asked for. "default" is what the checkpoint's scheduler config asks for, as
+# its diffusers class runs it (use_*_sigmas, else its timestep spacing); None in make_plan is the sampler's own
+# default (samplers/core.py).
 # "beta" is diffusers' / A1111's (Beta quantiles between sigma_min and sigma_max); ComfyUI's scheduler of the
 # same name samples training timesteps instead and is "beta_comfy".
 SCHEDULES = ("default", "karras", "exponential", "beta", "beta_comfy", "normal", "simple", "sgm_uniform",
-             "ddim_uniform", "ays", "ays_sd1", "ays_sdxl")
+             "ddim_uniform", "ays", "ays_sd1", "ays_sdxl", "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
 
 # Align Your Steps 10-step tables (Sabour et al. 2024). The first ten entries are diffusers'
 # scheduling_utils.AysSchedules["StableDiffusion{,XL}Sigmas"]; diffusers replaces the last entry (0.029,
 # the training sigma_min) with 0. ComfyUI keeps 0.029 for the log-linear interpolation to other step
 # counts and zeroes the last sigma afterwards, which is what `ays_sigmas` does.
+# These published 3-decimal tables (also A1111's sd_schedulers.py) are the default ("ays", "ays_sd1",
+# "ays_sdxl"); ComfyUI's nodes_align_your_steps.py NOISE_LEVELS carry 10 digits ("ays_comfy*"). They differ by
+# up to 2e-3 relative (SD1's 0.0291671582 vs 0.029).
 AYS_SIGMAS = {
     "SD1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
     "SDXL": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "COMFY_SD1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                  0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "COMFY_SDXL": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                   0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
 }
 
 # scheduler_config.json keys that choose a sampler's behaviour rather than the training schedule: kept in
@@ -45,15 +53,16 @@ _SAMPLER_KEYS = frozenset({
     "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "solver_order", "algorithm_type",
     "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type", "skip_prk_steps",
     "variance_type", "predict_x0", "disable_corrector", "original_inference_steps", "timestep_scaling",
+    "clip_sample", "clip_sample_range",  # implemented by DDIM / DDPM / LCM / TCD, refused where not
 })
 # Keys whose value only matters when another (refused) option is on.
 _INERT_KEYS = frozenset({
-    "dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range", "flow_shift", "time_shift_type",
+    "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type",
     "noise_sampler_seed",  # DPMSolverSDE's torchsde seed: jaxdiff draws from the request key instead
 })
 # Keys that change numerics, accepted only at the value jaxdiff implements.
 _ONLY_VALUES = {
-    "trained_betas": (None,), "thresholding": (False,), "clip_sample": (False,),
+    "trained_betas": (None,), "thresholding": (False,),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,),
     "sigma_max": (None,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
     "use_lu_lambdas": (False,), "lambda_min_clipped": (-math.inf,), "shift_terminal": (None,),
@@ -80,6 +89,9 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: alphas_cumprod[-1] = 0
     class_name: str | None = None  # the diffusers scheduler class the checkpoint ships, if known
     defaults: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) sampler-choice keys from the file
+    # The file's own sorted (key, value) pairs, for `for_class`; None: every field above is given (no file:
+    # diffusers' single-file loaders use the stock SD dict, SCHEDULER_DEFAULT_CONFIG, which these defaults are).
+    source: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
@@ -94,10 +106,31 @@ class SchedulerConfig:
         from jaxdiff.models.configs import parse_config
 
         raw = dict(raw)
+        items = tuple(sorted((k, _freeze(v)) for k, v in raw.items() if not k.startswith("_"))) or None
         defaults = tuple(sorted((k, _freeze(raw.pop(k))) for k in list(raw) if k in _SAMPLER_KEYS))
         class_name = raw.get("_class_name")
         cfg = parse_config(cls, raw, source=source, ignored=_INERT_KEYS, only_values=_ONLY_VALUES)
-        return dataclasses.replace(cfg, class_name=class_name, defaults=defaults)
+        return dataclasses.replace(cfg, class_name=class_name, defaults=defaults, source=items)
+
+    def for_class(self, class_defaults: Mapping[str, Any] | None) -> "SchedulerConfig":
+        """This config as diffusers' `SchedulerClass.from_config(file)` sees it: the file's keys that the class
+        takes, the class's own default for every key the file lacks, the file's other keys dropped.
+
+        Args:
+          class_defaults: the class's __init__ defaults (jaxdiff.samplers.class_defaults), or None for a
+            sampler without a diffusers class (the config is returned as is).
+        Returns self when the config did not come from a file (`source` None: all fields are given).
+        """
+        if self.source is None or class_defaults is None:
+            return self
+        raw = {**class_defaults, **{k: v for k, v in self.source if k in class_defaults}}
+        raw = {k: v for k, v in raw.items() if v is not None or k not in _SAMPLER_KEYS}
+        cfg = SchedulerConfig.from_dict(raw)
+        return dataclasses.replace(cfg, class_name=self.class_name, source=None)
+
+    def given(self, key: str) -> bool:
+        """Whether the file sets `key` (always True for a config built without a file)."""
+        return self.source is None or key in dict(self.source)
 
     def default(self, key: str, fallback: Any = None) -> Any:
         """A sampler-choice key from the checkpoint's scheduler config, or `fallback`."""
@@ -276,8 +309,9 @@ class SigmaTable:
 
 
 def resolve_schedule(cfg: SchedulerConfig, schedule: str | None) -> str:
-    """None -> the checkpoint's own choice (use_karras_sigmas & co. in its config), else validate."""
-    if schedule is None:
+    """None / "default" -> the checkpoint's own choice (use_karras_sigmas & co. in its config, else its
+    spacing: what the diffusers class does with this config), else validate."""
+    if schedule is None or schedule == "default":
         for key, name in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
                           ("use_beta_sigmas", "beta")):
             if cfg.default(key, False):
@@ -319,7 +353,8 @@ def sigma_table(cfg: SchedulerConfig, steps: int, schedule: str, *, family: str,
         ts = sigma_to_t(sigmas, log_sigmas)
     else:
         if schedule.startswith("ays"):
-            full = ays_sigmas("SDXL" if schedule == "ays_sdxl" else "SD1", steps)
+            table = "SDXL" if schedule.endswith("sdxl") else "SD1"
+            full = ays_sigmas(("COMFY_" if "comfy" in schedule else "") + table, steps)
         else:
             full = comfy_sigmas(cfg, steps, schedule)
         sigmas = full[:-1]
@@ -327,7 +362,10 @@ def sigma_table(cfg: SchedulerConfig, steps: int, schedule: str, *, family: str,
     if round_t and family != "dpm":
         ts = ts.round()
     elif family == "dpm" and schedule in ("exponential", "beta"):
-        ts = np.trunc(ts)  # DPMSolverMultistep does not round these; its int64 cast truncates
+        # DPMSolverMultistep does not round these; its int64 cast truncates. Its first t is sigma_to_t(sigma_max)
+        # of float32 torch tables: 998.99999975 there, exactly 999 here (torch's float32 cumprod is not
+        # reproducible in numpy), so diffusers' first timestep is 998 where jaxdiff's is 999.
+        ts = np.trunc(ts)
     elif family == "dpm" and schedule != "default":
         # DPMSolverMultistep rounds karras t (except for squaredcos_cap_v2, where its int64 cast truncates).
         ts = np.trunc(ts) if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()

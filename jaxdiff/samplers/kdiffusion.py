@@ -129,6 +129,9 @@ def _build_euler_ancestral(cfg, steps, schedule, start, options):
 
 def _build_heun(cfg, steps, schedule, start, options):
     """Heun (Karras et al. Alg. 2 without churn): 2 evaluations per step, the last step one Euler step."""
+    if cfg.default("clip_sample", False):
+        raise SamplerError("heun: clip_sample=True (from the scheduler config) is not implemented; set "
+                           "clip_sample false in scheduler_config.json (latent models do not clip)")
     tab = _table(cfg, steps, schedule, "euler")
     s, ts = tab.sigmas, tab.timesteps
     rows = _Rows(cfg.prediction_type)
@@ -270,10 +273,15 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     cols = {k: [] for k in ("t", "ax", "b0", "b1", "cn", "inpaint_a", "inpaint_b")}
     for i in range(start, n):
         first = order == 1 or i == start or (i == n - 1 and (euler_final or (lower_final and n < 15) or final_zero))
+        lam = lambda k: math.log(alpha[k]) - math.log(sig[k])  # noqa: E731
         if sig[i + 1] == 0.0:  # to sigma 0: the limit h -> inf of both formulas is x' = D
             ax, b0, b1, cn = 0.0, 1.0, 0.0, 0.0
+        elif lam(i + 1) - lam(i) <= 0.0:
+            # a zero-length step: final_sigmas_type="sigma_min" after a schedule that already ends at sigma_min
+            # (karras / exponential / beta / normal). diffusers' formulas give x' = x there (its 1/r0 = 1/inf
+            # = 0 drops the history term, the SDE noise is sqrt(1 - e^0) = 0).
+            ax, b0, b1, cn = 1.0, 0.0, 0.0, 0.0
         else:
-            lam = lambda k: math.log(alpha[k]) - math.log(sig[k])  # noqa: E731
             h = lam(i + 1) - lam(i)
             if sde:
                 ax = sig[i + 1] / sig[i] * math.exp(-h)
@@ -282,8 +290,8 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
             else:
                 ax, b0, cn = sig[i + 1] / sig[i], -alpha[i + 1] * math.expm1(-h), 0.0
             b1 = 0.0
-            if not first:  # D = D0 + (D0 - D_prev) / (2 r0), r0 = h_prev / h
-                r0 = (lam(i) - lam(i - 1)) / h
+            r0 = (lam(i) - lam(i - 1)) / h if not first else 0.0
+            if r0 > 0.0:  # D = D0 + (D0 - D_prev) / (2 r0), r0 = h_prev / h (after a zero-length step: order 1)
                 b0, b1 = b0 * (1.0 + 0.5 / r0), -b0 * 0.5 / r0
         for k, v in zip(("t", "ax", "b0", "b1", "cn"), (ts[i], ax, b0, b1, cn)):
             cols[k].append(v)
@@ -302,23 +310,34 @@ def _build_dpmpp_2m_sde(cfg, steps, schedule, start, options):
 
 # -------------------------------------------------------------------------------------- registration
 _NOISE_OPTS = ("eta", "s_noise")
-register("euler", build=_build_euler, body=_ve_body, init=_ve_init,
-         aliases=("Euler", "EulerDiscreteScheduler", "k_euler"))
+_E = "EulerDiscreteScheduler"
+register("euler", build=_build_euler, body=_ve_body, init=_ve_init, diffusers_class=_E,
+         aliases=("Euler", _E, "k_euler"), invokeai=("euler_k",))
 register("euler_ancestral", build=_build_euler_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a"))
-register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2,
-         aliases=("Heun", "HeunDiscreteScheduler", "k_heun"))
-register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2,
-         aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"))
+         options=_NOISE_OPTS, diffusers_class="EulerAncestralDiscreteScheduler",
+         aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a", "k_euler_ancestral"),
+         invokeai=("euler_a",))
+register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2, diffusers_class="HeunDiscreteScheduler",
+         aliases=("Heun", "HeunDiscreteScheduler", "k_heun"), invokeai=("heun_k",))
+register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2, diffusers_class="KDPM2DiscreteScheduler",
+         default_schedule="karras", aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"),
+         invokeai=("kdpm_2", "kdpm_2_k"))
 register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         order=2, options=_NOISE_OPTS, aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"))
-register("lms", build=_build_lms, body=_lms_body, init=_lms_init,
-         aliases=("LMS", "LMSDiscreteScheduler", "k_lms"))
+         order=2, options=_NOISE_OPTS, diffusers_class="KDPM2AncestralDiscreteScheduler", default_schedule="karras",
+         aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"), invokeai=("kdpm_2_a", "kdpm_2_a_k"))
+register("lms", build=_build_lms, body=_lms_body, init=_lms_init, diffusers_class="LMSDiscreteScheduler",
+         aliases=("LMS", "LMSDiscreteScheduler", "k_lms"), invokeai=("lms_k",))
 register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order",),
-         aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"))
+         diffusers_class="DPMSolverMultistepScheduler", default_schedule="karras",
+         aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"), invokeai=("dpmpp_2m_k",))
 register("dpmpp_2m_sde", build=_build_dpmpp_2m_sde, body=_dpm_body, init=_dpm_init, stochastic=True,
-         options=("s_noise", "solver_order"), aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"))
+         options=("s_noise", "solver_order"), diffusers_class="DPMSolverMultistepScheduler",
+         default_schedule="exponential", aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"), invokeai=("dpmpp_2m_sde_k",))
+# No diffusers class runs these two here (2S a has none; DPMSolverSDEScheduler needs torchsde): they are
+# k-diffusion's formulas over EulerDiscrete's tables, so Euler's defaults fill a file's missing keys.
 register("dpmpp_2s_ancestral", build=_build_dpmpp_2s_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
+         options=_NOISE_OPTS, diffusers_class=_E, default_schedule="karras",
+         aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
 register("dpmpp_sde", build=_build_dpmpp_sde, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"))
+         options=_NOISE_OPTS, diffusers_class=_E, default_schedule="karras",
+         aliases=("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"), invokeai=("dpmpp_sde_k",))
