@@ -257,7 +257,10 @@ def test_linspace_two_stage_float64(name):
         # float32 error of the same size on both sides (diffusers' float32 sigma_down makes DPM2 a's up to
         # 1.9e-5 of the scale at 2 steps, ours stays below 4e-6)
         assert float(np.abs(ours32 - truth).max()) <= 1e-5 * scale, (name, spacing, steps)
-        assert float(np.abs(theirs32 - truth).max()) <= 3e-5 * scale, (name, spacing, steps)
+        # diffusers' own float32 DPM2 a at linspace / 2 steps is 7.2e-3 (1.6e-4 of the scale) away from its
+        # float64 replay (measured with diffusers 0.42.1; this check failed before the class-defaults change too)
+        theirs_tol = 2e-4 if (name, spacing, steps) == ("dpm_2_ancestral", "linspace", 2) else 3e-5
+        assert float(np.abs(theirs32 - truth).max()) <= theirs_tol * scale, (name, spacing, steps)
 
 
 # ------------------------------------------------------------------------------- formulas, img2img, driver
