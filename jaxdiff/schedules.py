@@ -29,7 +29,8 @@ SPACINGS = ("leading", "trailing", "linspace")
 # "beta" is diffusers' / A1111's (Beta quantiles between sigma_min and sigma_max); ComfyUI's scheduler of the
 # same name samples training timesteps instead and is "beta_comfy".
 SCHEDULES = ("default", "karras", "exponential", "beta", "beta_comfy", "normal", "simple", "sgm_uniform",
-             "ddim_uniform", "ays", "ays_sd1", "ays_sdxl", "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
+             "ddim_uniform", "kl_optimal", "linear_quadratic", "polyexponential", "ays", "ays_sd1", "ays_sdxl",
+             "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
 
 # Align Your Steps 10-step tables (Sabour et al. 2024). The first ten entries are diffusers'
 # scheduling_utils.AysSchedules["StableDiffusion{,XL}Sigmas"]; diffusers replaces the last entry (0.029,
@@ -262,7 +263,8 @@ def ays_sigmas(model: str, steps: int) -> np.ndarray:
 
 
 def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
-    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform / beta schedules (comfy/samplers.py), ending in 0.
+    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform / beta / kl_optimal / linear_quadratic schedules
+    (comfy/samplers.py) and A1111's polyexponential, ending in 0.
 
     ddim_uniform can return more than steps + 1 sigmas (stride T//steps from t=1) and beta_comfy fewer
     (it drops repeated timesteps): the scan length comes from the table, not from `steps`.
@@ -291,6 +293,31 @@ def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
     if schedule == "ddim_uniform":
         stride = max(n_train // steps, 1)
         return np.concatenate([sig[1::stride][::-1], [0.0]])
+    sigma_min, sigma_max = float(sig[0]), float(sig[-1])  # ComfyUI's model_sampling.sigma_min / sigma_max
+    if schedule == "kl_optimal":
+        # ComfyUI kl_optimal_scheduler (A1111 PR 15608; Teng et al. 2024): tan of a linear ramp in atan(sigma)
+        if steps == 1:
+            return np.array([sigma_max, 0.0])
+        w = np.arange(steps) / (steps - 1)
+        return np.concatenate([np.tan(w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)), [0.0]])
+    if schedule == "linear_quadratic":
+        # ComfyUI linear_quadratic_schedule (from Mochi): 1 - (linear then quadratic ramp), times sigma_max
+        if steps == 1:
+            return np.array([sigma_max, 0.0])
+        threshold, linear = 0.025, steps // 2
+        lin = [i * threshold / linear for i in range(linear)]
+        diff = linear - threshold * steps
+        quad_steps = steps - linear
+        q_coef = diff / (linear * quad_steps ** 2)
+        l_coef = threshold / linear - 2 * diff / quad_steps ** 2
+        const = q_coef * linear ** 2
+        quad = [q_coef * i * i + l_coef * i + const for i in range(linear, steps)]
+        return (1.0 - np.array(lin + quad + [1.0])) * sigma_max
+    if schedule == "polyexponential":
+        # A1111's "Polyexponential" (k-diffusion get_sigmas_polyexponential, rho = 1) over the model's extremes
+        ramp = np.linspace(1, 0, steps) ** 1.0
+        sig_poly = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+        return np.concatenate([sig_poly, [0.0]])
     raise ValueError(schedule)
 
 

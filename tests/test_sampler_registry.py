@@ -50,7 +50,7 @@ def test_unknown_names_list_the_valid_ones():
         smp.resolve("DPM++ 9M")
     assert isinstance(e.value, JaxdiffError)
     with pytest.raises(SamplerError, match="valid schedules: .*karras"):
-        smp.resolve("euler", "kl_optimal")
+        smp.resolve("euler", "hyperbolic")
     with pytest.raises(SamplerError, match="implies schedule"):
         smp.resolve("DPM++ 2M Karras", "exponential")
 
@@ -68,10 +68,10 @@ def test_bad_plans():
     with pytest.raises(SamplerError, match="does not take option"):
         smp.make_plan("euler", 4, cfg, eta=0.5)
     with pytest.raises(SamplerError, match="unknown schedule"):
-        smp.make_plan("euler", 4, cfg, schedule="polyexponential")
-    # Euler churn (Karras et al. s_churn > 0) is not implemented: refused, never ignored
+        smp.make_plan("euler", 4, cfg, schedule="hyperbolic")
+    # churn (Karras et al. s_churn > 0) is euler / heun / dpm_2's (tests/test_samplers_new.py); others refuse it
     with pytest.raises(SamplerError, match="does not take option.*s_churn"):
-        smp.make_plan("euler", 4, cfg, s_churn=1.0)
+        smp.make_plan("euler_ancestral", 4, cfg, s_churn=1.0)
 
 
 def test_plan_shapes_and_nfe():

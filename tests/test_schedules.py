@@ -231,3 +231,37 @@ def test_config_parsing():
         S.sigma_table(cfg, 0, "karras", family="euler")
     # torch is only the reference: the library module must not import it
     assert "torch" not in S.__dict__ and torch is not None
+
+
+def test_kl_optimal_linear_quadratic_polyexponential():
+    """Against torch transcriptions of ComfyUI's kl_optimal_scheduler / linear_quadratic_schedule (comfy/samplers.py)
+    and k-diffusion's get_sigmas_polyexponential (A1111's Polyexponential, rho 1), in float64 over the model's
+    sigma extremes."""
+    import math as m
+
+    cfg = _cfg()
+    sig = S.train_sigmas(cfg)
+    lo, hi = float(sig[0]), float(sig[-1])
+    for n in (2, 5, 10, 25):
+        idx = torch.arange(n, dtype=torch.float64).div_(n - 1)
+        kl = torch.zeros(n + 1, dtype=torch.float64)
+        kl[:-1] = (idx * m.atan(lo) + (1 - idx) * m.atan(hi)).tan_()
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "kl_optimal"), kl.numpy(), rtol=1e-12)
+        ls = n // 2
+        lin = [i * 0.025 / ls for i in range(ls)]
+        tnsd = ls - 0.025 * n
+        qs = n - ls
+        qc, lc = tnsd / (ls * qs ** 2), 0.025 / ls - 2 * tnsd / qs ** 2
+        quad = [qc * i ** 2 + lc * i + qc * ls ** 2 for i in range(ls, n)]
+        lq = torch.tensor([1.0 - v for v in lin + quad + [1.0]], dtype=torch.float64) * hi
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "linear_quadratic"), lq.numpy(), rtol=1e-12, atol=1e-12)
+        ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** 1.0
+        poly = torch.exp(ramp * (m.log(hi) - m.log(lo)) + m.log(lo))
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "polyexponential"), np.append(poly.numpy(), 0.0),
+                                   rtol=1e-12)
+    import jaxdiff.samplers as smp
+    assert smp.resolve("euler", "KL Optimal") == ("euler", "kl_optimal")
+    assert smp.resolve("euler", "Polyexponential") == ("euler", "polyexponential")
+    tab = smp.build_tables("euler", 10, cfg, schedule="kl_optimal")[1].tables
+    np.testing.assert_allclose(np.sqrt(1 / tab["c_in"] ** 2 - 1), S.comfy_sigmas(cfg, 10, "kl_optimal")[:-1],
+                               rtol=1e-9)

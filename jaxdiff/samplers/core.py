@@ -379,7 +379,10 @@ def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, k
     """
     spec = _REGISTRY[plan.kind]
     x, hist = carry
-    if spec.stochastic and noises is None and key is None:
+    # churn (s_churn > 0): noise added to x before the evaluation, x += pre_noise * noise (Karras et al. Alg. 2)
+    churn = "pre_noise" in plan.tables
+    stochastic = spec.stochastic or churn
+    if stochastic and noises is None and key is None:
         raise SamplerError(f"sampler {plan.kind!r} is stochastic: pass a PRNG key or noises=")
     if sample_index is None:
         sample_index = jnp.arange(x.shape[0], dtype=jnp.int32)
@@ -395,13 +398,15 @@ def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, k
     def step(carry, xs_k):
         x, hist = carry
         tab = xs_k["tab"]
-        out = model_fn(x * tab["c_in"], tab["t"])
         if "noise" in xs_k:
             noise = xs_k["noise"]
-        elif spec.stochastic:
+        elif stochastic:
             noise = step_noise(key, sample_index, xs_k["k"], x.shape[1:])
         else:
             noise = jnp.zeros_like(x)
+        if churn:
+            x = x + tab["pre_noise"] * noise
+        out = model_fn(x * tab["c_in"], tab["t"])
         x, hist = spec.body(x, out.astype(jnp.float32), hist, tab, noise)
         if inpaint is not None:
             image, mask, inp_noise = inpaint

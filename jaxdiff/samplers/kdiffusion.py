@@ -87,7 +87,8 @@ class _Rows:
 
     def tables(self) -> dict[str, np.ndarray]:
         self.rows[-1]["inpaint_b"] = 0.0  # after the last evaluation the known region is the clean image
-        return {k: np.array([r[k] for r in self.rows]) for k in self.rows[0]}
+        keys = dict.fromkeys(k for r in self.rows for k in r)  # optional columns (pre_noise) are 0 elsewhere
+        return {k: np.array([r.get(k, 0.0) for r in self.rows]) for k in keys}
 
 
 def _ancestral(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -96,6 +97,27 @@ def _ancestral(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[fl
         return sigma_to, 0.0
     up = min(sigma_to, eta * math.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
     return math.sqrt(max(sigma_to ** 2 - up ** 2, 0.0)), up
+
+
+_CHURN_OPTS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def _churn(options, sigma: float, n_sigmas: int) -> tuple[float, float]:
+    """Karras et al. (2022) Alg. 2 "churn" as k-diffusion's sample_euler / heun / dpm_2 apply it:
+    (sigma_hat, pre-noise coefficient): before the step's first evaluation x += coef * noise, and the step
+    starts from sigma_hat = sigma (1 + gamma)."""
+    s_churn = float(options.get("s_churn", 0.0))
+    s_tmin, s_tmax = float(options.get("s_tmin", 0.0)), float(options.get("s_tmax", math.inf))
+    gamma = min(s_churn / (n_sigmas - 1), 2 ** 0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return sigma, 0.0
+    hat = sigma * (gamma + 1)
+    return hat, float(options.get("s_noise", 1.0)) * math.sqrt(hat * hat - sigma * sigma)
+
+
+def _t_of(sigma: float, t_default: float, sigma_default: float, log_sigmas) -> float:
+    """The model timestep at a churned sigma_hat (k-diffusion's fractional sigma_to_t), else the table's."""
+    return t_default if sigma == sigma_default else float(sigma_to_t(np.array(sigma), log_sigmas))
 
 
 def _table(cfg, steps, schedule, family, final=False):
@@ -114,12 +136,15 @@ def _build_euler(cfg: SchedulerConfig, steps, schedule, start, options, ancestra
     s, ts = tab.sigmas, tab.timesteps
     rows = _Rows(cfg.prediction_type)
     eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    log_sigmas = np.log(train_sigmas(cfg))
     for i in range(start, len(ts)):
         if ancestral:  # Euler a: step to sigma_down, add sigma_up noise (diffusers draws even when up = 0)
             down, up = _ancestral(s[i], s[i + 1], eta)
             rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=down - s[i], cn=up * s_noise)
         else:
-            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+            hat, pre = _churn(options, s[i], len(s) - start)
+            extra = {"pre_noise": pre} if "s_churn" in options else {}
+            rows.add(_t_of(hat, ts[i], s[i], log_sigmas), hat, s[i + 1], ax=1.0, cd=s[i + 1] - hat, **extra)
     return _ve_tables(rows, tab, start)
 
 
@@ -135,9 +160,12 @@ def _build_heun(cfg, steps, schedule, start, options):
     tab = _table(cfg, steps, schedule, "euler")
     s, ts = tab.sigmas, tab.timesteps
     rows = _Rows(cfg.prediction_type)
+    log_sigmas = np.log(train_sigmas(cfg))
     for i in range(start, len(ts)):
-        dt = s[i + 1] - s[i]
-        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=dt, save=1.0)
+        hat, pre = _churn(options, s[i], len(s) - start)
+        extra = {"pre_noise": pre} if "s_churn" in options else {}
+        dt = s[i + 1] - hat
+        rows.add(_t_of(hat, ts[i], s[i], log_sigmas), hat, s[i + 1], ax=1.0, cd=dt, save=1.0, **extra)
         if i < len(ts) - 1:  # corrector at the next sigma: x = xs + (ds + d) / 2 * dt
             rows.add(ts[i + 1], s[i + 1], s[i + 1], **{"as": 1.0}, cd=0.5 * dt, cds=0.5 * dt)
     return _ve_tables(rows, tab, start)
@@ -151,14 +179,17 @@ def _build_dpm_2(cfg, steps, schedule, start, options, ancestral=False):
     rows = _Rows(cfg.prediction_type)
     eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
     for i in range(start, len(ts)):
+        hat, pre = (s[i], 0.0) if ancestral else _churn(options, s[i], len(s) - start)
+        extra = {"pre_noise": pre} if "s_churn" in options else {}
+        t_hat = _t_of(hat, ts[i], s[i], log_sigmas)
         if i == len(ts) - 1:  # last step: one Euler step to sigma 0
-            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+            rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=s[i + 1] - hat, **extra)
             continue
         down, up = _ancestral(s[i], s[i + 1], eta) if ancestral else (s[i + 1], 0.0)
-        mid = math.exp(0.5 * (math.log(s[i]) + math.log(down)))
-        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=mid - s[i], save=1.0)
+        mid = math.exp(0.5 * (math.log(hat) + math.log(down)))
+        rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=mid - hat, save=1.0, **extra)
         t_mid = float(sigma_to_t(np.array(mid), log_sigmas))
-        rows.add(t_mid, mid, s[i + 1], **{"as": 1.0}, cd=down - s[i], cn=up * s_noise)
+        rows.add(t_mid, mid, s[i + 1], **{"as": 1.0}, cd=down - hat, cn=up * s_noise)
     return _ve_tables(rows, tab, start)
 
 
@@ -243,6 +274,102 @@ def _build_lms(cfg, steps, schedule, start, options):
     return Tables(tables, tab.init_noise_sigma, (1.0, float(s[start])))
 
 
+_AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ipndm_v_coefficients(s, i: int, order: int) -> tuple[float, ...]:
+    """ComfyUI's sample_ipndm_v (from zju-pi/diff-sampler): variable-step Adams-Bashforth weights on d_i, d_{i-1},
+    ... over the sigma grid s (the run's own, i counted from its first step)."""
+    h = s[i + 1] - s[i]
+    if order == 1:
+        return (1.0,)
+    h1 = s[i] - s[i - 1]
+    if order == 2:
+        return ((2 + h / h1) / 2, -(h / h1) / 2)
+    h2 = s[i - 1] - s[i - 2]
+    temp1 = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return ((2 + h / h1) / 2 + temp1, -(h / h1) / 2 - (1 + h1 / h2) * temp1, temp1 * h1 / h2)
+    h3 = s[i - 2] - s[i - 3]
+    temp2 = (((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2)))
+             * (h * (h + h1) * (h + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return ((2 + h / h1) / 2 + temp1 + temp2,
+            -(h / h1) / 2 - (1 + h1 / h2) * temp1 - (1 + h1 / h2 + q) * temp2,
+            temp1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * temp2,
+            -temp2 * q * h1 / h2)
+
+
+def _build_ipndm(cfg, steps, schedule, start, options, variable=False):
+    """iPNDM (Zhang & Chen 2022; ComfyUI's sample_ipndm / sample_ipndm_v, max_order 4): Adams-Bashforth on the
+    derivatives d = (x - D) / sigma in sigma, fixed weights (ipndm) or variable-step ones (ipndm_v); the
+    step to sigma 0 returns D. Runs in the LMS body (x' = x + sum_j c_j d_{i-j})."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    run = s[start:]  # the run's own grid: history starts at the img2img start, as ComfyUI's sliced sigmas
+    rows = _Rows(cfg.prediction_type)
+    coef = []
+    for i in range(len(run) - 1):
+        dt = run[i + 1] - run[i]
+        order = min(4, i + 1)
+        if run[i + 1] == 0.0:
+            w = (1.0,)  # x = D = x - sigma d
+        else:
+            w = _ipndm_v_coefficients(run, i, order) if variable else _AB[order]
+        coef.append([dt * c for c in w] + [0.0] * (4 - len(w)))
+        rows.add(ts[start + i], run[i], run[i + 1])
+    tables = rows.tables()
+    tables["lms"] = np.array(coef)
+    return Tables(tables, tab.init_noise_sigma, (1.0, float(s[start])))
+
+
+def _build_ipndm_v(cfg, steps, schedule, start, options):
+    return _build_ipndm(cfg, steps, schedule, start, options, variable=True)
+
+
+def _ms_init(x):
+    return (jnp.zeros_like(x), jnp.zeros_like(x))  # the previous two x0 predictions, newest first
+
+
+def _ms_body(x, out, hist, tab, noise):
+    """Sigma-space three-step exponential integrator: x' = ax x + b0 D + b1 D_1 + b2 D_2 + cn noise."""
+    d1, d2 = hist
+    den = to_x0(x, out, tab)
+    x_new = tab["ax"] * x + tab["b0"] * den + tab["b1"] * d1 + tab["b2"] * d2 + tab["cn"] * noise
+    return x_new, (den, d1)
+
+
+def _build_dpmpp_3m_sde(cfg, steps, schedule, start, options):
+    """DPM-Solver++(3M) SDE as k-diffusion / ComfyUI's sample_dpmpp_3m_sde (VE, eta and s_noise), over
+    EulerDiscrete's tables. Its Brownian-tree noise covers disjoint [sigma_{i+1}, sigma_i] per step: one
+    independent normal per step here."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    eta, s_noise = float(options.get("eta", 1.0)), float(options.get("s_noise", 1.0))
+    rows = _Rows(cfg.prediction_type)
+    h_1 = h_2 = None
+    for i in range(start, len(ts)):
+        if s[i + 1] == 0.0:
+            rows.add(ts[i], s[i], s[i + 1], ax=0.0, b0=1.0, b1=0.0, b2=0.0, cn=0.0)
+            continue
+        h = math.log(s[i]) - math.log(s[i + 1])  # lambda = -log sigma
+        h_eta = h * (eta + 1.0)
+        c = np.array([-math.expm1(-h_eta), 0.0, 0.0])  # on (D, D_1, D_2); alpha_t = 1 in VE
+        phi_2 = math.expm1(-h_eta) / h_eta + 1.0
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = np.array([1.0, -1.0, 0.0]) / r0, np.array([0.0, 1.0, -1.0]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            c = c + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+        elif h_1 is not None:
+            c = c + phi_2 * np.array([1.0, -1.0, 0.0]) / (h_1 / h)
+        cn = s[i + 1] * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise if eta > 0 else 0.0
+        rows.add(ts[i], s[i], s[i + 1], ax=s[i + 1] / s[i] * math.exp(-h * eta), b0=c[0], b1=c[1], b2=c[2], cn=cn)
+        h_1, h_2 = h, h_1
+    return _ve_tables(rows, tab, start)
+
+
 def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     """DPM-Solver++(2M) as diffusers' DPMSolverMultistep (solver_order 1 or 2, midpoint) builds it.
 
@@ -250,9 +377,11 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     implemented and is refused rather than silently run at order 2 (it moves the result by ~3e-2).
     """
     name = "dpmpp_2m_sde" if sde else "dpmpp_2m"
-    if cfg.default("solver_type", "midpoint") not in ("midpoint", "bh2", "logrho"):  # diffusers maps bh*/logrho
-        raise SamplerError(f"{name} implements solver_type='midpoint' only (got "
-                           f"{cfg.default('solver_type')!r} from the scheduler config)")
+    solver_type = options.get("solver_type", cfg.default("solver_type", "midpoint"))
+    if solver_type in ("bh1", "bh2", "logrho"):
+        solver_type = "midpoint"  # DPMSolverMultistepScheduler.__init__ maps these to midpoint
+    if solver_type not in ("midpoint", "heun"):
+        raise SamplerError(f"{name}: solver_type={solver_type!r} is not implemented (midpoint or heun)")
     algorithm = cfg.default("algorithm_type", "dpmsolver++")
     if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):  # noise-prediction DPM-Solver: other formulas
         raise SamplerError(f"{name}: algorithm_type={algorithm!r} (from the scheduler config) is not implemented; "
@@ -291,8 +420,14 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
                 ax, b0, cn = sig[i + 1] / sig[i], -alpha[i + 1] * math.expm1(-h), 0.0
             b1 = 0.0
             r0 = (lam(i) - lam(i - 1)) / h if not first else 0.0
-            if r0 > 0.0:  # D = D0 + (D0 - D_prev) / (2 r0), r0 = h_prev / h (after a zero-length step: order 1)
-                b0, b1 = b0 * (1.0 + 0.5 / r0), -b0 * 0.5 / r0
+            if r0 > 0.0:  # + c D1, D1 = (D0 - D_prev) / r0, r0 = h_prev / h (after a zero-length step: order 1)
+                if solver_type == "midpoint":
+                    c = 0.5 * b0
+                elif sde:  # heun: diffusers' multistep_dpm_solver_second_order_update (k-diffusion's 2M SDE heun)
+                    c = alpha[i + 1] * (-math.expm1(-2.0 * h) / (-2.0 * h) + 1.0)
+                else:
+                    c = alpha[i + 1] * (math.expm1(-h) / h + 1.0)
+                b0, b1 = b0 + c / r0, -c / r0
         for k, v in zip(("t", "ax", "b0", "b1", "cn"), (ts[i], ax, b0, b1, cn)):
             cols[k].append(v)
         last = i == n - 1
@@ -308,18 +443,25 @@ def _build_dpmpp_2m_sde(cfg, steps, schedule, start, options):
     return _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=True)
 
 
+def _build_dpmpp_2m_sde_heun(cfg, steps, schedule, start, options):
+    """k-diffusion's sample_dpmpp_2m_sde(solver_type="heun") = diffusers' sde-dpmsolver++ with solver_type heun."""
+    return _build_dpmpp_2m(cfg, steps, schedule, start, {**options, "solver_type": "heun"}, sde=True)
+
+
 # -------------------------------------------------------------------------------------- registration
 _NOISE_OPTS = ("eta", "s_noise")
 _E = "EulerDiscreteScheduler"
-register("euler", build=_build_euler, body=_ve_body, init=_ve_init, diffusers_class=_E,
+register("euler", build=_build_euler, body=_ve_body, init=_ve_init, diffusers_class=_E, options=_CHURN_OPTS,
          aliases=("Euler", _E, "k_euler"), invokeai=("euler_k",))
 register("euler_ancestral", build=_build_euler_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
          options=_NOISE_OPTS, diffusers_class="EulerAncestralDiscreteScheduler",
          aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a", "k_euler_ancestral"),
          invokeai=("euler_a",))
 register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2, diffusers_class="HeunDiscreteScheduler",
+         options=_CHURN_OPTS,
          aliases=("Heun", "HeunDiscreteScheduler", "k_heun"), invokeai=("heun_k",))
 register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2, diffusers_class="KDPM2DiscreteScheduler",
+         options=_CHURN_OPTS,
          default_schedule="karras", aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"),
          invokeai=("kdpm_2", "kdpm_2_k"))
 register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
@@ -327,12 +469,20 @@ register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_v
          aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"), invokeai=("kdpm_2_a", "kdpm_2_a_k"))
 register("lms", build=_build_lms, body=_lms_body, init=_lms_init, diffusers_class="LMSDiscreteScheduler",
          aliases=("LMS", "LMSDiscreteScheduler", "k_lms"), invokeai=("lms_k",))
-register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order",),
+register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order", "solver_type"),
          diffusers_class="DPMSolverMultistepScheduler", default_schedule="karras",
          aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"), invokeai=("dpmpp_2m_k",))
 register("dpmpp_2m_sde", build=_build_dpmpp_2m_sde, body=_dpm_body, init=_dpm_init, stochastic=True,
-         options=("s_noise", "solver_order"), diffusers_class="DPMSolverMultistepScheduler",
+         options=("s_noise", "solver_order", "solver_type"), diffusers_class="DPMSolverMultistepScheduler",
          default_schedule="exponential", aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"), invokeai=("dpmpp_2m_sde_k",))
+register("dpmpp_2m_sde_heun", build=_build_dpmpp_2m_sde_heun, body=_dpm_body, init=_dpm_init, stochastic=True,
+         options=("s_noise",), diffusers_class="DPMSolverMultistepScheduler", default_schedule="exponential",
+         aliases=("DPM++ 2M SDE Heun", "k_dpmpp_2m_sde_heun"))
+register("dpmpp_3m_sde", build=_build_dpmpp_3m_sde, body=_ms_body, init=_ms_init, stochastic=True,
+         options=_NOISE_OPTS, diffusers_class=_E, default_schedule="exponential",
+         aliases=("DPM++ 3M SDE", "k_dpmpp_3m_sde"))
+register("ipndm", build=_build_ipndm, body=_lms_body, init=_lms_init, diffusers_class=_E)
+register("ipndm_v", build=_build_ipndm_v, body=_lms_body, init=_lms_init, diffusers_class=_E)
 # No diffusers class runs these two here (2S a has none; DPMSolverSDEScheduler needs torchsde): they are
 # k-diffusion's formulas over EulerDiscrete's tables, so Euler's defaults fill a file's missing keys.
 register("dpmpp_2s_ancestral", build=_build_dpmpp_2s_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
