@@ -186,7 +186,8 @@ def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] |
 
     Accepts canonical / ComfyUI `sampler_name`s, A1111 display names ("DPM++ 2M Karras", "Euler a"),
     diffusers class names ("EulerDiscreteScheduler"; DPMSolverMultistepScheduler picks dpmpp_2m or
-    dpmpp_2m_sde from options["algorithm_type"]) and schedule names in A1111 or ComfyUI spelling.
+    dpmpp_2m_sde from options["algorithm_type"], UniPCMultistepScheduler uni_pc (bh1) or uni_pc_bh2 from
+    options["solver_type"]) and schedule names in A1111 or ComfyUI spelling.
 
     Raises:
       SamplerError: unknown name or schedule (the message lists the valid ones), or a display name that
@@ -210,6 +211,8 @@ def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] |
     canonical, alias_schedule, soft = _ALIASES[key]
     if key == "dpmsolvermultistepscheduler" and (options or {}).get("algorithm_type") == "sde-dpmsolver++":
         canonical = "dpmpp_2m_sde"
+    if key == "unipcmultistepscheduler" and (options or {}).get("solver_type") == "bh1":
+        canonical = "uni_pc"  # the class runs the file's solver_type
     implied = implied or alias_schedule
     if schedule is not None:
         skey = schedule.strip().lower()
@@ -262,7 +265,8 @@ def build_tables(sampler: str, steps: int, config: SchedulerConfig | None = None
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise SamplerError(f"steps must be an integer >= 1, got {steps!r}")
     # the checkpoint's algorithm_type picks dpmpp_2m vs dpmpp_2m_sde for the class name, like diffusers
-    name, schedule = resolve(sampler, schedule, {"algorithm_type": config.default("algorithm_type"), **options})
+    name, schedule = resolve(sampler, schedule, {"algorithm_type": config.default("algorithm_type"),
+                                                 "solver_type": config.default("solver_type"), **options})
     spec = _REGISTRY[name]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
