@@ -1,7 +1,7 @@
 """diffusers' own tests/schedulers full-loop checks, reproduced through jaxdiff.
 
-The numbers below are copied from diffusers' test files (tests/schedulers/test_scheduler_ddim.py and
-test_scheduler_dpm_multi.py at 9519ffc), with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
+The numbers below are copied from diffusers' test files (tests/schedulers/test_scheduler_ddim.py,
+test_scheduler_dpm_multi.py at 9519ffc, test_scheduler_deis.py at bbdabab), with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
 `dummy_sample_deter` = arange(4*3*8*8).reshape(3, 8, 8, 4) / 768 moved to [4, 3, 8, 8] (here NHWC),
 `dummy_noise_deter` the same on the flipped arange, the "model" `sample * t / (t + 1)`, the scheduler built
 from the test's config dict with the class defaults for the rest (here: SchedulerConfig.from_dict, whose
@@ -28,6 +28,7 @@ DDIM = {**LINEAR, "clip_sample": True}
 DPM = {**LINEAR, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False, "sample_max_value": 1.0,
        "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": False, "euler_at_final": False,
        "lambda_min_clipped": -float("inf"), "variance_type": None, "final_sigmas_type": "sigma_min"}
+DEIS = {**LINEAR, "solver_order": 2}
 
 
 def _deter(flip: bool) -> np.ndarray:
@@ -67,6 +68,9 @@ def _run(name, config, strength=1.0):
     ("DPMSolverMultistepScheduler", {**DPM, "prediction_type": "v_prediction"}, 1.0, None, 0.2251),
     ("DPMSolverMultistepScheduler", {**DPM, "prediction_type": "v_prediction", "use_karras_sigmas": True}, 1.0,
      None, 0.2096),
+    ("DEISMultistepScheduler", DEIS, 1.0, None, 0.23916),  # test_scheduler_deis.py test_full_loop_no_noise
+    ("DEISMultistepScheduler", {**DEIS, "prediction_type": "v_prediction"}, 1.0, None, 0.091),
+    ("DEISMultistepScheduler", DEIS, 0.2, 315.3016, 0.41054),  # test_full_loop_with_noise: t_start 8 of 10
 ])
 def test_diffusers_full_loop_sums(name, config, strength, want_sum, want_mean):
     got_sum, got_mean = _run(name, config, strength)
