@@ -1,7 +1,7 @@
 """diffusers' own tests/schedulers full-loop checks, reproduced through jaxdiff.
 
 The numbers below are copied from diffusers' test files (tests/schedulers/test_scheduler_ddim.py,
-test_scheduler_dpm_multi.py at 9519ffc, test_scheduler_deis.py at bbdabab), with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
+test_scheduler_dpm_multi.py at 9519ffc, test_scheduler_deis.py at bbdabab, test_scheduler_ddpm.py at 95ff471), with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
 `dummy_sample_deter` = arange(4*3*8*8).reshape(3, 8, 8, 4) / 768 moved to [4, 3, 8, 8] (here NHWC),
 `dummy_noise_deter` the same on the flipped arange, the "model" `sample * t / (t + 1)`, the scheduler built
 from the test's config dict with the class defaults for the rest (here: SchedulerConfig.from_dict, whose
@@ -77,3 +77,22 @@ def test_diffusers_full_loop_sums(name, config, strength, want_sum, want_mean):
     if want_sum is not None:
         assert abs(got_sum - want_sum) < 1e-2, (got_sum, want_sum)
     assert abs(got_mean - want_mean) < 1e-3, (got_mean, want_mean)
+
+
+@pytest.mark.parametrize("prediction_type,want_sum,want_mean", [("epsilon", 258.9606, 0.3372),
+                                                                ("v_prediction", 202.0296, 0.2631)])
+def test_diffusers_ddpm_full_loop_sums(prediction_type, want_sum, want_mean):
+    """test_scheduler_ddpm.py (95ff471) test_full_loop_no_noise / _with_v_prediction: all 1000 training timesteps,
+    clip_sample, the step noise drawn from torch.manual_seed(0) one [4, 3, 8, 8] tensor per step with t > 0
+    (diffusers' randn_tensor on CPU), fed here as the sampler's noises."""
+    import torch
+
+    config = {**LINEAR, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": prediction_type}
+    plan = smp.make_plan("DDPMScheduler", 1000, SchedulerConfig.from_dict(config))
+    generator = torch.manual_seed(0)
+    draws = [torch.randn((4, 3, 8, 8), generator=generator).numpy() for _ in range(999)]
+    noises = np.concatenate([np.stack(draws), np.zeros((1, 4, 3, 8, 8), np.float32)])  # t = 0 draws nothing
+    noises = np.ascontiguousarray(np.transpose(noises, (0, 1, 3, 4, 2)))  # NCHW -> NHWC
+    x = smp.sample(_model, jnp.asarray(_deter(False)), plan, noises=jnp.asarray(noises))
+    x = np.abs(np.asarray(x, np.float64))
+    assert abs(x.sum() - want_sum) < 1e-2 and abs(x.mean() - want_mean) < 1e-3, (x.sum(), x.mean())
