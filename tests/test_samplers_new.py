@@ -1,8 +1,8 @@
-"""Samplers added from k-diffusion / ComfyUI: dpmpp_3m_sde, dpmpp_2m_sde_heun, ipndm, ipndm_v, and the churn
+"""Samplers added from k-diffusion / ComfyUI: dpmpp_3m_sde, dpmpp_2m_sde_heun, ipndm, ipndm_v, heunpp2, and the churn
 options (s_churn, s_tmin, s_tmax, s_noise) of euler / heun / dpm_2.
 
 References: float64 numpy transcriptions of ComfyUI's comfy/k_diffusion/sampling.py (sample_dpmpp_3m_sde,
-sample_ipndm, sample_ipndm_v, sample_euler / sample_heun / sample_dpm_2 with churn), written here, run on the
+sample_ipndm, sample_ipndm_v, sample_heunpp2, sample_euler / sample_heun / sample_dpm_2 with churn), written here, run on the
 k-diffusion wrapping of the analytic denoiser (tests/sampler_reference.py: model(x, sigma) -> x0 with fractional
 t = sigma_to_t(sigma)) over jaxdiff's own sigma table, with shared noise (noise consumed at model evaluation k
 is noises[k]). dpmpp_2m_sde_heun (and solver_type="heun" for dpmpp_2m) against diffusers' DPMSolverMultistep,
@@ -148,7 +148,49 @@ def ref_churn(kind, model, x, sigmas, noises, s_churn, s_tmin=0.0, s_tmax=math.i
     return x
 
 
+def ref_heunpp2(model, x, sigmas, noises, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """ComfyUI sample_heunpp2; step i's churn noise is the noise of its first model evaluation."""
+    x = np.asarray(x, np.float64)
+    s_end, k = sigmas[-1], 0
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + noises[k] * s_noise * math.sqrt(hat ** 2 - sigmas[i] ** 2)
+        d = (x - model(x, hat)) / hat
+        k += 1
+        dt = sigmas[i + 1] - hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            k += 1
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - model(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            dt_2 = sigmas[i + 2] - sigmas[i + 1]
+            x_3 = x_2 + d_2 * dt_2
+            d_3 = (x_3 - model(x_3, sigmas[i + 2])) / sigmas[i + 2]
+            k += 2
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x, k
+
+
 # -------------------------------------------------------------------------------------------- tests
+def test_heunpp2():
+    for steps, schedule, opts in ((1, "default", {}), (2, "default", {}), (3, "default", {}),
+                                  (10, "karras", {}), (8, "default", {"s_churn": 2.0})):
+        plan = smp.make_plan("heunpp2", steps, CFG, schedule=schedule, **opts)
+        noise0, noises = make_noise(SHAPE, plan.nfe, seed=steps)
+        x_T = noise0 * float(plan.init_noise_sigma)
+        want, nfe = ref_heunpp2(kdiffusion_model(DEN), x_T, _sigmas(schedule, steps), noises, **opts)
+        assert nfe == plan.nfe == (1 if steps == 1 else 3 * steps - 3)
+        assert float(np.abs(_jax(plan, x_T, noises) - want).max()) <= 1e-5, (steps, schedule, opts)
+
 @pytest.mark.parametrize("name", ["ipndm", "ipndm_v"])
 def test_ipndm(name):
     for steps, schedule in ((1, "default"), (3, "default"), (10, "karras"), (15, "exponential")):

@@ -274,6 +274,37 @@ def _build_lms(cfg, steps, schedule, start, options):
     return Tables(tables, tab.init_noise_sigma, (1.0, float(s[start])))
 
 
+def _build_heunpp2(cfg, steps, schedule, start, options):
+    """Heun++ (ComfyUI's sample_heunpp2, from Carzit/sd-webui-samplers-scheduler; churn as sample_heun): three
+    evaluations per step x -> x_2 = x + d dt -> x_3 = x_2 + d_2 dt_2, then x + (w1 d + w2 d_2 + w3 d_3) dt with
+    w_k = sigma_{i+k-1} / (3 sigma_0); Heun with w = sigma / (2 sigma_0) on the step before the last, Euler on
+    the last. d_2 is not kept: the third evaluation recovers it as (x_3 - x_s - dt d_s) / dt_2, so the VE
+    body's saved (x_s, d_s) suffice."""
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    log_sigmas = np.log(train_sigmas(cfg))
+    s0, s_end, n = s[start], s[-1], len(s)
+    for i in range(start, len(ts)):
+        hat, pre = _churn(options, s[i], n - start)
+        extra = {"pre_noise": pre} if "s_churn" in options else {}
+        t_hat, dt = _t_of(hat, ts[i], s[i], log_sigmas), s[i + 1] - hat
+        if s[i + 1] == s_end:  # Euler
+            rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=dt, **extra)
+            continue
+        rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=dt, save=1.0, **extra)  # x_2 = x + d dt
+        if s[i + 2] == s_end:  # Heun
+            w2 = s[i + 1] / (2 * s0)
+            rows.add(ts[i + 1], s[i + 1], s[i + 1], **{"as": 1.0}, cds=dt * (1 - w2), cd=dt * w2)
+            continue
+        dt_2 = s[i + 2] - s[i + 1]
+        rows.add(ts[i + 1], s[i + 1], s[i + 1], ax=1.0, cd=dt_2)  # x_3 = x_2 + d_2 dt_2
+        w2, w3 = s[i + 1] / (3 * s0), s[i + 2] / (3 * s0)
+        w1, k = 1 - w2 - w3, dt * w2 / dt_2  # d_2 = (x_3 - x_s - dt d_s) / dt_2
+        rows.add(ts[i + 2], s[i + 2], s[i + 1], ax=k, **{"as": 1.0 - k}, cds=dt * w1 - k * dt, cd=dt * w3)
+    return _ve_tables(rows, tab, start)
+
+
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
@@ -481,6 +512,8 @@ register("dpmpp_2m_sde_heun", build=_build_dpmpp_2m_sde_heun, body=_dpm_body, in
 register("dpmpp_3m_sde", build=_build_dpmpp_3m_sde, body=_ms_body, init=_ms_init, stochastic=True,
          options=_NOISE_OPTS, diffusers_class=_E, default_schedule="exponential",
          aliases=("DPM++ 3M SDE", "k_dpmpp_3m_sde"))
+register("heunpp2", build=_build_heunpp2, body=_ve_body, init=_ve_init, order=2, options=_CHURN_OPTS,
+         diffusers_class=_E, aliases=("Heun++",))
 register("ipndm", build=_build_ipndm, body=_lms_body, init=_lms_init, diffusers_class=_E)
 register("ipndm_v", build=_build_ipndm_v, body=_lms_body, init=_lms_init, diffusers_class=_E)
 # No diffusers class runs these two here (2S a has none; DPMSolverSDEScheduler needs torchsde): they are
