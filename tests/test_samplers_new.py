@@ -1,8 +1,9 @@
-"""Samplers added from k-diffusion / ComfyUI: dpmpp_3m_sde, dpmpp_2m_sde_heun, ipndm, ipndm_v, heunpp2, and the churn
-options (s_churn, s_tmin, s_tmax, s_noise) of euler / heun / dpm_2.
+"""Samplers added from k-diffusion / ComfyUI: dpmpp_3m_sde, dpmpp_2m_sde_heun, ipndm, ipndm_v, heunpp2,
+gradient_estimation, res_multistep, res_multistep_ancestral, er_sde, and the churn options (s_churn, s_tmin, s_tmax, s_noise) of euler / heun / dpm_2.
 
 References: float64 numpy transcriptions of ComfyUI's comfy/k_diffusion/sampling.py (sample_dpmpp_3m_sde,
-sample_ipndm, sample_ipndm_v, sample_heunpp2, sample_euler / sample_heun / sample_dpm_2 with churn), written here, run on the
+sample_ipndm, sample_ipndm_v, sample_heunpp2, sample_gradient_estimation, res_multistep, sample_er_sde,
+sample_euler / sample_heun / sample_dpm_2 with churn), written here, run on the
 k-diffusion wrapping of the analytic denoiser (tests/sampler_reference.py: model(x, sigma) -> x0 with fractional
 t = sigma_to_t(sigma)) over jaxdiff's own sigma table, with shared noise (noise consumed at model evaluation k
 is noises[k]). dpmpp_2m_sde_heun (and solver_type="heun" for dpmpp_2m) against diffusers' DPMSolverMultistep,
@@ -20,7 +21,8 @@ import pytest
 
 import jaxdiff.samplers as smp
 from jaxdiff.schedules import SchedulerConfig, resolve_schedule, sigma_table
-from tests.sampler_reference import SD_CONFIG, GaussianDenoiser, jax_model, kdiffusion_model, make_noise, run_diffusers
+from tests.sampler_reference import (SD_CONFIG, GaussianDenoiser, ancestral_step, jax_model, kdiffusion_model,
+                                     make_noise, run_diffusers)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
@@ -180,7 +182,92 @@ def ref_heunpp2(model, x, sigmas, noises, s_churn=0.0, s_tmin=0.0, s_tmax=math.i
     return x, k
 
 
+def ref_gradient_estimation(model, x, sigmas, ge_gamma=2.0):
+    """ComfyUI sample_gradient_estimation (cfg_pp off)."""
+    x = np.asarray(x, np.float64)
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
+
+
+def ref_res_multistep(model, x, sigmas, noises, eta=0.0, s_noise=1.0):
+    """ComfyUI res_multistep (cfg_pp off); step i's noise is noises[i]."""
+    x = np.asarray(x, np.float64)
+    old_down = old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0 or old_denoised is None:
+            x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = (-math.log(v) for v in (sigmas[i], old_down, down, sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            x = math.exp(-h) * x + h * ((phi1 - phi2 / c2) * denoised + (phi2 / c2) * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noises[i] * s_noise * up
+        old_denoised, old_down = denoised, down
+    return x
+
+
+def ref_er_sde(model, x, sigmas, noises, s_noise=1.0, max_stage=3):
+    """ComfyUI sample_er_sde for an eps/v model (er_lambda = sigma, alpha = 1); step i's noise is noises[i]."""
+    x = np.asarray(x, np.float64)
+    scaler = lambda v: v * (np.exp(v ** 0.3) + 10.0)  # noqa: E731
+    points = np.arange(0, 200.0)
+    old_denoised = old_dd = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        stage = min(max_stage, i + 1)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            ls, lt = sigmas[i], sigmas[i + 1]
+            r = scaler(lt) / scaler(ls)
+            x = r * x + (1 - r) * denoised
+            if stage >= 2:
+                dt = lt - ls
+                step = -dt / 200.0
+                pos = lt + points * step
+                scaled = scaler(pos)
+                dd = (denoised - old_denoised) / (ls - sigmas[i - 1])
+                x = x + (dt + np.sum(1 / scaled) * step * scaler(lt)) * dd
+                if stage >= 3:
+                    du = (dd - old_dd) / ((ls - sigmas[i - 2]) / 2)
+                    x = x + (dt ** 2 / 2 + np.sum((pos - ls) / scaled) * step * scaler(lt)) * du
+                old_dd = dd
+            x = x + noises[i] * s_noise * math.sqrt(max(lt ** 2 - ls ** 2 * r ** 2, 0.0))
+        old_denoised = denoised
+    return x
+
+
 # -------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", ["gradient_estimation", "res_multistep", "res_multistep_ancestral", "er_sde"])
+def test_comfy_multistep(name):
+    for steps, schedule, opts in ((1, "default", {}), (3, "default", {}), (10, "karras", {}),
+                                  (15, "exponential", {})):
+        plan = smp.make_plan(name, steps, CFG, schedule=schedule, **opts)
+        noise0, noises = make_noise(SHAPE, plan.nfe, seed=steps)
+        x_T = noise0 * float(plan.init_noise_sigma)
+        model, sig = kdiffusion_model(DEN), _sigmas(schedule, steps)
+        want = {"gradient_estimation": lambda: ref_gradient_estimation(model, x_T, sig),
+                "res_multistep": lambda: ref_res_multistep(model, x_T, sig, noises),
+                "res_multistep_ancestral": lambda: ref_res_multistep(model, x_T, sig, noises, eta=1.0),
+                "er_sde": lambda: ref_er_sde(model, x_T, sig, noises)}[name]()
+        assert float(np.abs(_jax(plan, x_T, noises) - want).max()) <= 1e-5, (name, steps, schedule)
+
 def test_heunpp2():
     for steps, schedule, opts in ((1, "default", {}), (2, "default", {}), (3, "default", {}),
                                   (10, "karras", {}), (8, "default", {"s_churn": 2.0})):

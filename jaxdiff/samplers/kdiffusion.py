@@ -401,6 +401,97 @@ def _build_dpmpp_3m_sde(cfg, steps, schedule, start, options):
     return _ve_tables(rows, tab, start)
 
 
+def _build_gradient_estimation(cfg, steps, schedule, start, options):
+    """ComfyUI's sample_gradient_estimation (Permenter & Yuan, ge_gamma = 2): Euler plus (gamma - 1)(d - d_prev)
+    dt from the second step on; the step to sigma 0 returns D. In the LMS body (x' = x + c0 d + c1 d_prev)."""
+    gamma = float(options.get("ge_gamma", 2.0))
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    coef = []
+    for i in range(start, len(ts)):
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == 0.0:
+            c = [-s[i], 0.0]  # x = D = x - sigma d
+        elif i > start:
+            c = [dt * gamma, -dt * (gamma - 1.0)]
+        else:
+            c = [dt, 0.0]
+        coef.append(c + [0.0, 0.0])
+        rows.add(ts[i], s[i], s[i + 1])
+    tables = rows.tables()
+    tables["lms"] = np.array(coef)
+    return Tables(tables, tab.init_noise_sigma, (1.0, float(s[start])))
+
+
+def _build_res_multistep(cfg, steps, schedule, start, options, eta_default=0.0):
+    """ComfyUI's res_multistep (Zhang et al. 2023, arXiv 2308.02157, second-order multistep in log sigma) and its
+    ancestral form (eta > 0: step to sigma_down, add sigma_up noise); Euler on the first step and to sigma 0."""
+    eta, s_noise = float(options.get("eta", eta_default)), float(options.get("s_noise", 1.0))
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    rows = _Rows(cfg.prediction_type)
+    old_down = None
+    for i in range(start, len(ts)):
+        down, up = _ancestral(s[i], s[i + 1], eta)
+        if down == 0.0 or old_down is None:  # Euler: x + (x - D) / sigma (down - sigma)
+            ax, b0, b1 = down / s[i], 1.0 - down / s[i], 0.0
+        else:
+            h = math.log(s[i]) - math.log(down)
+            c2 = (-math.log(s[i - 1]) + math.log(old_down)) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            ax, b0, b1 = math.exp(-h), h * (phi1 - phi2 / c2), h * (phi2 / c2)
+        rows.add(ts[i], s[i], s[i + 1], ax=ax, b0=b0, b1=b1, b2=0.0, cn=up * s_noise if s[i + 1] > 0 else 0.0)
+        old_down = down
+    return _ve_tables(rows, tab, start)
+
+
+def _build_res_multistep_ancestral(cfg, steps, schedule, start, options):
+    return _build_res_multistep(cfg, steps, schedule, start, options, eta_default=1.0)
+
+
+def _build_er_sde(cfg, steps, schedule, start, options):
+    """ComfyUI's sample_er_sde (Cui et al. 2023, VP ER-SDE-Solver-3, max_stage 3, the default noise scaler
+    x (e^{x^0.3} + 10)), for an eps/v model: lambda_er = sigma (VE), alpha = 1. Stages 2 and 3 use the x0
+    history through divided differences; the integrals are its 200-point Riemann sums in float32."""
+    s_noise, max_stage = float(options.get("s_noise", 1.0)), 3
+    tab = _table(cfg, steps, schedule, "euler")
+    s, ts = tab.sigmas, tab.timesteps
+    lam = s[start:]  # er_lambda of the run's own grid
+    points = np.arange(0, 200.0, dtype=np.float32)
+    scaler = lambda v: v * (np.exp(v ** 0.3) + 10.0)  # noqa: E731
+    rows = _Rows(cfg.prediction_type)
+    old_dd = None  # previous denoised_d as coefficients on (D_1, D_2) after the shift
+    for k in range(len(lam) - 1):
+        i = start + k
+        if lam[k + 1] == 0.0:
+            rows.add(ts[i], s[i], s[i + 1], ax=0.0, b0=1.0, b1=0.0, b2=0.0, cn=0.0)
+            continue
+        ls, lt = lam[k], lam[k + 1]
+        r = scaler(lt) / scaler(ls)
+        c = np.array([1.0 - r, 0.0, 0.0])  # on (D, D_1, D_2)
+        stage = min(max_stage, k + 1)
+        new_dd = None
+        if stage >= 2:
+            dt = lt - ls
+            step = np.float32(-dt / 200.0)
+            pos = np.float32(lt) + points * step
+            scaled = scaler(pos.astype(np.float32)).astype(np.float32)
+            s_int = float(np.sum(1.0 / scaled, dtype=np.float32) * step)
+            new_dd = np.array([1.0, -1.0, 0.0]) / (ls - lam[k - 1])
+            c = c + (dt + s_int * scaler(lt)) * new_dd
+            if stage >= 3:
+                s_u = float(np.sum((pos - np.float32(ls)) / scaled, dtype=np.float32) * step)
+                du = (new_dd - old_dd) / ((ls - lam[k - 2]) / 2.0)
+                c = c + (dt ** 2 / 2.0 + s_u * scaler(lt)) * du
+        cn = s_noise * math.sqrt(max(lt ** 2 - ls ** 2 * r ** 2, 0.0))
+        rows.add(ts[i], s[i], s[i + 1], ax=r, b0=c[0], b1=c[1], b2=c[2], cn=cn)
+        # the next step sees this step's D as D_1: shift its denoised_d coefficients by one slot
+        old_dd = None if new_dd is None else np.array([0.0, new_dd[0], new_dd[1]])
+    return _ve_tables(rows, tab, start)
+
+
 def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     """DPM-Solver++(2M) as diffusers' DPMSolverMultistep (solver_order 1 or 2, midpoint) builds it.
 
@@ -514,6 +605,13 @@ register("dpmpp_3m_sde", build=_build_dpmpp_3m_sde, body=_ms_body, init=_ms_init
          aliases=("DPM++ 3M SDE", "k_dpmpp_3m_sde"))
 register("heunpp2", build=_build_heunpp2, body=_ve_body, init=_ve_init, order=2, options=_CHURN_OPTS,
          diffusers_class=_E, aliases=("Heun++",))
+register("gradient_estimation", build=_build_gradient_estimation, body=_lms_body, init=_lms_init,
+         options=("ge_gamma",), diffusers_class=_E)
+register("res_multistep", build=_build_res_multistep, body=_ms_body, init=_ms_init, diffusers_class=_E)
+register("res_multistep_ancestral", build=_build_res_multistep_ancestral, body=_ms_body, init=_ms_init,
+         stochastic=True, options=_NOISE_OPTS, diffusers_class=_E)
+register("er_sde", build=_build_er_sde, body=_ms_body, init=_ms_init, stochastic=True, options=("s_noise",),
+         diffusers_class=_E)
 register("ipndm", build=_build_ipndm, body=_lms_body, init=_lms_init, diffusers_class=_E)
 register("ipndm_v", build=_build_ipndm_v, body=_lms_body, init=_lms_init, diffusers_class=_E)
 # No diffusers class runs these two here (2S a has none; DPMSolverSDEScheduler needs torchsde): they are
