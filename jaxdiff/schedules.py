@@ -29,8 +29,8 @@ SPACINGS = ("leading", "trailing", "linspace")
 # "beta" is diffusers' / A1111's (Beta quantiles between sigma_min and sigma_max); ComfyUI's scheduler of the
 # same name samples training timesteps instead and is "beta_comfy".
 SCHEDULES = ("default", "karras", "exponential", "beta", "beta_comfy", "normal", "simple", "sgm_uniform",
-             "ddim_uniform", "kl_optimal", "linear_quadratic", "polyexponential", "ays", "ays_sd1", "ays_sdxl",
-             "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
+             "ddim_uniform", "kl_optimal", "linear_quadratic", "polyexponential", "laplace", "vp", "ays", "ays_sd1",
+             "ays_sdxl", "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
 
 # Align Your Steps 10-step tables (Sabour et al. 2024). The first ten entries are diffusers'
 # scheduling_utils.AysSchedules["StableDiffusion{,XL}Sigmas"]; diffusers replaces the last entry (0.029,
@@ -318,6 +318,21 @@ def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
         ramp = np.linspace(1, 0, steps) ** 1.0
         sig_poly = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
         return np.concatenate([sig_poly, [0.0]])
+    if schedule == "laplace":
+        # ComfyUI's LaplaceScheduler node: k-diffusion get_sigmas_laplace(n=steps, mu=0, beta=0.5) (Tiankai et al.
+        # 2024), clamped to [sigma_min, sigma_max], with NO trailing 0: `steps` sigmas, steps - 1 sampler steps,
+        # the last one to sigma_min
+        if steps < 2:
+            raise SamplerError("schedule 'laplace' needs steps >= 2: like ComfyUI's LaplaceScheduler it returns "
+                               "`steps` sigmas, i.e. steps - 1 sampler steps ending at sigma_min")
+        x = np.linspace(0, 1, steps)
+        lmb = -0.5 * np.sign(0.5 - x) * np.log(1 - 2 * np.abs(0.5 - x) + 1e-5)
+        return np.clip(np.exp(lmb), sigma_min, sigma_max)
+    if schedule == "vp":
+        # ComfyUI's VPScheduler node: k-diffusion get_sigmas_vp (continuous VP, beta_d 19.9, beta_min 0.1, eps_s
+        # 1e-3) + 0. Its sigma_max (~152) lies above SD's: the model sees t clamped to the last timestep there.
+        t = np.linspace(1, 1e-3, steps)
+        return np.concatenate([np.sqrt(np.expm1(19.9 * t ** 2 / 2 + 0.1 * t)), [0.0]])
     raise ValueError(schedule)
 
 
@@ -386,6 +401,8 @@ def sigma_table(cfg: SchedulerConfig, steps: int, schedule: str, *, family: str,
             full = comfy_sigmas(cfg, steps, schedule)
         sigmas = full[:-1]
         ts = sigma_to_t(sigmas, log_sigmas)
+        if schedule == "laplace":
+            final_sigma = float(full[-1])  # ends at sigma_min, not 0 (see comfy_sigmas)
     if round_t and family != "dpm":
         ts = ts.round()
     elif family == "dpm" and schedule in ("exponential", "beta"):
@@ -396,7 +413,10 @@ def sigma_table(cfg: SchedulerConfig, steps: int, schedule: str, *, family: str,
     elif family == "dpm" and schedule != "default":
         # DPMSolverMultistep rounds karras t (except for squaredcos_cap_v2, where its int64 cast truncates).
         ts = np.trunc(ts) if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()
-    last = sig[0] if final_sigma == "sigma_min" else 0.0
+    if isinstance(final_sigma, float):
+        last = final_sigma
+    else:
+        last = sig[0] if final_sigma == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [last]])
     if family == "dpm":
         init = 1.0  # VP space: x_T is the unit noise itself

@@ -265,3 +265,27 @@ def test_kl_optimal_linear_quadratic_polyexponential():
     tab = smp.build_tables("euler", 10, cfg, schedule="kl_optimal")[1].tables
     np.testing.assert_allclose(np.sqrt(1 / tab["c_in"] ** 2 - 1), S.comfy_sigmas(cfg, 10, "kl_optimal")[:-1],
                                rtol=1e-9)
+
+
+def test_laplace_and_vp():
+    """Against torch transcriptions of k-diffusion's get_sigmas_laplace / get_sigmas_vp as ComfyUI's LaplaceScheduler
+    (no trailing 0: steps - 1 sampler steps ending at sigma_min) and VPScheduler (+ 0) nodes use them."""
+    import jaxdiff.samplers as smp
+
+    cfg = _cfg()
+    sig = S.train_sigmas(cfg)
+    lo, hi = float(sig[0]), float(sig[-1])
+    for n in (2, 5, 20):
+        x = torch.linspace(0, 1, n, dtype=torch.float64)
+        lmb = 0.0 - 0.5 * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "laplace"), torch.clamp(torch.exp(lmb), lo, hi).numpy(),
+                                   rtol=1e-12)
+        t = torch.linspace(1, 1e-3, n, dtype=torch.float64)
+        vp = torch.sqrt(torch.special.expm1(19.9 * t ** 2 / 2 + 0.1 * t))
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "vp"), np.append(vp.numpy(), 0.0), rtol=1e-12)
+    plan = smp.build_tables("euler", 6, cfg, schedule="laplace")[1]
+    assert len(plan.tables["t"]) == 5  # ComfyUI's node: 6 sigmas, 5 steps
+    table = S.sigma_table(cfg, 6, "laplace", family="euler").sigmas
+    assert len(table) == 6 and table[-1] == pytest.approx(lo, rel=1e-12)  # the last step ends at sigma_min, not 0
+    with pytest.raises(SamplerError, match="laplace"):
+        smp.make_plan("euler", 1, cfg, schedule="laplace")
