@@ -1,7 +1,8 @@
 """diffusers' own tests/schedulers full-loop checks, reproduced through jaxdiff.
 
 The numbers below are copied from diffusers' test files (tests/schedulers/test_scheduler_ddim.py,
-test_scheduler_dpm_multi.py at 9519ffc, test_scheduler_deis.py at bbdabab, test_scheduler_ddpm.py at 95ff471), with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
+test_scheduler_dpm_multi.py at 9519ffc, test_scheduler_deis.py at bbdabab, test_scheduler_ddpm.py at 95ff471),
+with their tolerances (sum 1e-2, mean 1e-3); the setting is theirs:
 `dummy_sample_deter` = arange(4*3*8*8).reshape(3, 8, 8, 4) / 768 moved to [4, 3, 8, 8] (here NHWC),
 `dummy_noise_deter` the same on the flipped arange, the "model" `sample * t / (t + 1)`, the scheduler built
 from the test's config dict with the class defaults for the rest (here: SchedulerConfig.from_dict, whose

@@ -1,5 +1,6 @@
 """Samplers added from k-diffusion / ComfyUI: dpmpp_3m_sde, dpmpp_2m_sde_heun, ipndm, ipndm_v, heunpp2,
-gradient_estimation, res_multistep, res_multistep_ancestral, er_sde, and the churn options (s_churn, s_tmin, s_tmax, s_noise) of euler / heun / dpm_2.
+gradient_estimation, res_multistep, res_multistep_ancestral, er_sde, and the churn options (s_churn, s_tmin,
+s_tmax, s_noise) of euler / heun / dpm_2.
 
 References: float64 numpy transcriptions of ComfyUI's comfy/k_diffusion/sampling.py (sample_dpmpp_3m_sde,
 sample_ipndm, sample_ipndm_v, sample_heunpp2, sample_gradient_estimation, res_multistep, sample_er_sde,

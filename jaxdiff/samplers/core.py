@@ -300,8 +300,8 @@ def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *
         timestep samplers and Euler / Heun / LMS, A1111's choice for the rest (karras for DPM++ 2M, DPM++ SDE,
         DPM++ 2S a, DPM2 (a); exponential for DPM++ 2M SDE); a config with use_karras_sigmas & co. keeps its
         choice. "default": what the checkpoint's scheduler config asks for (use_karras_sigmas & co., else its
-        timestep spacing), as the sampler's diffusers class runs it. Else one of jaxdiff.schedules.SCHEDULES (A1111 and ComfyUI
-        spellings accepted).
+        timestep spacing), as the sampler's diffusers class runs it. Else one of jaxdiff.schedules.SCHEDULES
+        (A1111 and ComfyUI spellings accepted).
       strength: img2img strength in (0, 1]; < 1 starts part-way exactly as diffusers' img2img pipelines.
       model_family: "sd1" | "sd2" | "sdxl": picks the Align Your Steps table for schedule "ays" / "ays_comfy".
       **options: sampler knobs (eta, s_noise, solver_order, ...); each sampler lists what it accepts.
