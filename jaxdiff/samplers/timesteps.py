@@ -83,6 +83,10 @@ class LinearTables:
 def _to_x0(alpha: float, sigma: float, prediction_type: str) -> tuple[float, float]:
     """(a, b) with x0 = a x + b out, at x = alpha x0 + sigma eps."""
     if prediction_type == "epsilon":
+        if alpha == 0.0:  # diffusers divides by zero here and returns inf / NaN
+            raise SamplerError("zero-SNR schedule (rescale_betas_zero_snr) with prediction_type='epsilon': x0 is "
+                               "undefined at the last timestep (alphas_cumprod = 0); zero-SNR models predict "
+                               "v_prediction -- set it in scheduler_config.json")
         return 1.0 / alpha, -sigma / alpha
     if prediction_type == "v_prediction":
         return alpha, -sigma
