@@ -55,6 +55,7 @@ _SAMPLER_KEYS = frozenset({
     "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type", "skip_prk_steps",
     "variance_type", "predict_x0", "disable_corrector", "original_inference_steps", "timestep_scaling",
     "clip_sample", "clip_sample_range",  # implemented by DDIM / DDPM / LCM / TCD, refused where not
+    "thresholding", "use_lu_lambdas",  # refused by the samplers whose diffusers class takes them (samplers/core.py)
 })
 # Keys whose value only matters when another (refused) option is on.
 _INERT_KEYS = frozenset({
@@ -63,10 +64,10 @@ _INERT_KEYS = frozenset({
 })
 # Keys that change numerics, accepted only at the value jaxdiff implements.
 _ONLY_VALUES = {
-    "trained_betas": (None,), "thresholding": (False,),
+    "trained_betas": (None,),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,),
     "sigma_max": (None,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
-    "use_lu_lambdas": (False,), "lambda_min_clipped": (-math.inf,), "shift_terminal": (None,),
+    "lambda_min_clipped": (-math.inf,), "shift_terminal": (None,),
     "solver_p": (None,),
 }
 

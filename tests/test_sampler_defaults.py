@@ -188,6 +188,27 @@ def test_ays_follows_the_model_family():
         smp.make_plan("euler", 10, cfg, schedule="ays", model_family="sd3")
 
 
+def test_refused_options_only_where_the_class_takes_them():
+    """thresholding / use_lu_lambdas are refused in one line by the samplers whose diffusers class reads them;
+    Euler's class has no such key, so diffusers (and jaxdiff) ignore it there. clip_sample: Heun refuses."""
+    for key, refusing, ignoring in (("thresholding", ("ddim", "dpmpp_2m", "uni_pc_bh2"), ("euler", "heun")),
+                                    ("use_lu_lambdas", ("dpmpp_2m", "dpmpp_2m_sde"), ("euler", "uni_pc_bh2"))):
+        cfg = SchedulerConfig.from_dict({**SD15_FILE, key: True})
+        for name in refusing:
+            with pytest.raises(SamplerError, match=key) as e:
+                smp.make_plan(name, 5, cfg)
+            assert "\n" not in str(e.value)
+        for name in ignoring:
+            assert smp.make_plan(name, 5, cfg).nfe >= 5
+    with pytest.raises(SamplerError, match="clip_sample"):
+        smp.make_plan("heun", 5, SchedulerConfig.from_dict({**SD15_FILE, "clip_sample": True}))
+    with pytest.raises(SamplerError, match="solver_order=3"):
+        smp.make_plan("dpmpp_2m", 5, SchedulerConfig.from_dict({**SD15_FILE, "solver_order": 3}))
+    with pytest.raises(SamplerError, match="skip_prk_steps"):  # PNDM's class default is PRK warm-up
+        smp.make_plan("plms", 5, SchedulerConfig.from_dict({k: v for k, v in SD15_FILE.items()
+                                                            if k != "skip_prk_steps"}))
+
+
 def test_refused_names_and_table():
     for name, what in (("DPMSolverSinglestepScheduler", "Singlestep"), ("dpmpp_3m_k", "solver_order=3"),
                        ("EDMEulerScheduler", "EDM"), ("SASolverScheduler", "SA-Solver")):

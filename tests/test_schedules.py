@@ -219,7 +219,7 @@ def test_config_parsing():
     assert S.resolve_schedule(_cfg(), None) == "default"
     # clip_sample is parsed (DDIM / DDPM / LCM / TCD implement it, Heun refuses it: tests/test_sampler_defaults.py)
     assert S.SchedulerConfig.from_dict({**SD_CONFIG, "clip_sample": True}).default("clip_sample") is True
-    for bad in ({"trained_betas": [0.1] * 1000}, {"thresholding": True}, {"use_lu_lambdas": True},
+    for bad in ({"trained_betas": [0.1] * 1000}, {"lambda_min_clipped": -5.1},
                 {"timestep_type": "continuous"}, {"interpolation_type": "log_linear"}, {"made_up_key": 1}):
         with pytest.raises(ConfigError):
             S.SchedulerConfig.from_dict({**SD_CONFIG, **bad})

@@ -240,6 +240,9 @@ def img2img_start(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
+# diffusers scheduler options jaxdiff does not implement -> what they are
+_REFUSED_OPTIONS = {"thresholding": "dynamic thresholding of x0, for pixel-space models",
+                    "use_lu_lambdas": "DPM-Solver's uniform-logSNR step schedule"}
 MODEL_FAMILIES = ("sd1", "sd2", "sdxl")
 # Align Your Steps tables by model family: SD2 has none published; A1111 and ComfyUI use the SD1 one for it.
 _AYS_TABLE = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
@@ -274,6 +277,11 @@ def build_tables(sampler: str, steps: int, config: SchedulerConfig | None = None
                            f"(it takes: {', '.join(spec.options) or 'none'})")
     # keys the checkpoint's file lacks take this sampler's diffusers class defaults, as from_config does
     config = config.for_class(DIFFUSERS_DEFAULTS.get(spec.diffusers_class))
+    for key, what in _REFUSED_OPTIONS.items():  # only where the class takes the key: others ignore it, as diffusers
+        if config.default(key, False):
+            raise SamplerError(f"sampler {name!r}: {key}=True (from the scheduler config) is not implemented ({what}); "
+                               f"set it false in scheduler_config.json or pick a sampler whose diffusers class "
+                               f"ignores it (euler, heun, lms, ...)")
     if schedule is None and spec.default_schedule is not None and not any(
             config.default(k, False) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
         schedule = spec.default_schedule  # A1111's "Automatic"; a config that picks a sigma kind keeps it
