@@ -36,14 +36,17 @@ SAMPLER_DISPLAY = {
     "dpm_2_ancestral": "DPM2 a", "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "ddpm": "DDPM", "ddim": "DDIM",
     "plms": "PLMS", "uni_pc": "UniPC", "uni_pc_bh2": "UniPC bh2", "deis": "DEIS", "lcm": "LCM",
-    "tcd": "TCD",
+    "tcd": "TCD", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE", "heunpp2": "Heun++",
+    # ComfyUI-only samplers: their ComfyUI names
+    "ipndm": "ipndm", "ipndm_v": "ipndm_v", "gradient_estimation": "gradient_estimation",
+    "res_multistep": "res_multistep", "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
 }
 # jaxdiff schedule -> A1111 "Schedule type". None (the checkpoint scheduler's own choice) is A1111's
 # "Automatic"; "default" (the scheduler's own spacing, forced) has no A1111 name and is written as is.
 SCHEDULE_DISPLAY = {
     None: "Automatic", "karras": "Karras", "exponential": "Exponential", "normal": "Normal",
     "simple": "Simple", "sgm_uniform": "SGM Uniform", "ddim_uniform": "DDIM", "beta": "Beta",
-    "ays": "Align Your Steps", "default": "Default",
+    "ays": "Align Your Steps", "default": "Default", "kl_optimal": "KL Optimal", "polyexponential": "Polyexponential",
 }
 
 _INDEX = re.compile(r"^(\d{5,})-")  # NNNNN-... : the A1111 numbering this folder continues

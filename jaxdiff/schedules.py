@@ -18,25 +18,34 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxdiff.errors import SamplerError
+from jaxdiff import prediction
 from jaxdiff.config_parsing import freeze, parse_config
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
-# Sigma schedules a sampler may be asked for. "default" is the scheduler's own spacing (diffusers without
-# use_*_sigmas); None in make_plan means "whatever the checkpoint's scheduler config asks for".
+# Sigma schedules a sampler may be asked for. "default" is what the checkpoint's scheduler config asks for, as
+# its diffusers class runs it (use_*_sigmas, else its timestep spacing); None in make_plan is the sampler's own
+# default (samplers/core.py).
 # "beta" is diffusers' / A1111's (Beta quantiles between sigma_min and sigma_max); ComfyUI's scheduler of the
 # same name samples training timesteps instead and is "beta_comfy".
 SCHEDULES = ("default", "karras", "exponential", "beta", "beta_comfy", "normal", "simple", "sgm_uniform",
-             "ddim_uniform", "ays", "ays_sd1", "ays_sdxl")
+             "ddim_uniform", "kl_optimal", "linear_quadratic", "polyexponential", "laplace", "vp", "ays", "ays_sd1",
+             "ays_sdxl", "ays_comfy", "ays_comfy_sd1", "ays_comfy_sdxl")
 
 # Align Your Steps 10-step tables (Sabour et al. 2024). The first ten entries are diffusers'
 # scheduling_utils.AysSchedules["StableDiffusion{,XL}Sigmas"]; diffusers replaces the last entry (0.029,
 # the training sigma_min) with 0. ComfyUI keeps 0.029 for the log-linear interpolation to other step
 # counts and zeroes the last sigma afterwards, which is what `ays_sigmas` does.
+# These published 3-decimal tables (also A1111's sd_schedulers.py) are the default ("ays", "ays_sd1",
+# "ays_sdxl"); ComfyUI's nodes_align_your_steps.py NOISE_LEVELS carry 10 digits ("ays_comfy*"). They differ by
+# up to 2e-3 relative (SD1's 0.0291671582 vs 0.029).
 AYS_SIGMAS = {
     "SD1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
     "SDXL": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "COMFY_SD1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                  0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "COMFY_SDXL": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                   0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
 }
 
 # scheduler_config.json keys that choose a sampler's behaviour rather than the training schedule: kept in
@@ -45,18 +54,20 @@ _SAMPLER_KEYS = frozenset({
     "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "solver_order", "algorithm_type",
     "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type", "skip_prk_steps",
     "variance_type", "predict_x0", "disable_corrector", "original_inference_steps", "timestep_scaling",
+    "clip_sample", "clip_sample_range",  # implemented by DDIM / DDPM / LCM / TCD, refused where not
+    "thresholding", "use_lu_lambdas",  # refused by the samplers whose diffusers class takes them (samplers/core.py)
 })
 # Keys whose value only matters when another (refused) option is on.
 _INERT_KEYS = frozenset({
-    "dynamic_thresholding_ratio", "sample_max_value", "clip_sample_range", "flow_shift", "time_shift_type",
+    "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type",
     "noise_sampler_seed",  # DPMSolverSDE's torchsde seed: jaxdiff draws from the request key instead
 })
 # Keys that change numerics, accepted only at the value jaxdiff implements.
 _ONLY_VALUES = {
-    "trained_betas": (None,), "thresholding": (False,), "clip_sample": (False,),
+    "trained_betas": (None,),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,),
     "sigma_max": (None,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
-    "use_lu_lambdas": (False,), "lambda_min_clipped": (-math.inf,), "shift_terminal": (None,),
+    "lambda_min_clipped": (-math.inf,), "shift_terminal": (None,),
     "solver_p": (None,),
 }
 
@@ -73,17 +84,20 @@ class SchedulerConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # one of BETA_SCHEDULES
-    prediction_type: str = "epsilon"  # what the UNet predicts: one of PREDICTION_TYPES
+    prediction_type: str = "epsilon"  # what the UNet predicts: one of prediction.PREDICTION_TYPES
     timestep_spacing: str = "leading"  # one of SPACINGS
     steps_offset: int = 1  # added to `leading` timesteps only
     set_alpha_to_one: bool = False  # DDIM/PNDM final alpha: 1 or alphas_cumprod[0]
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023: alphas_cumprod[-1] = 0
     class_name: str | None = None  # the diffusers scheduler class the checkpoint ships, if known
     defaults: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) sampler-choice keys from the file
+    # The file's own sorted (key, value) pairs, for `for_class`; None: every field above is given (no file:
+    # diffusers' single-file loaders use the stock SD dict, SCHEDULER_DEFAULT_CONFIG, which these defaults are).
+    source: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self):
         for name, value, allowed in (("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
-                                     ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+                                     ("prediction_type", self.prediction_type, prediction.PREDICTION_TYPES),
                                      ("timestep_spacing", self.timestep_spacing, SPACINGS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported (supported: {', '.join(allowed)})")
@@ -93,10 +107,31 @@ class SchedulerConfig:
         """Parse any diffusers scheduler class's config dict (see the module constants for the key sets)."""
 
         raw = dict(raw)
+        items = tuple(sorted((k, freeze(v)) for k, v in raw.items() if not k.startswith("_"))) or None
         defaults = tuple(sorted((k, freeze(raw.pop(k))) for k in list(raw) if k in _SAMPLER_KEYS))
         class_name = raw.get("_class_name")
         cfg = parse_config(cls, raw, source=source, ignored=_INERT_KEYS, only_values=_ONLY_VALUES)
-        return dataclasses.replace(cfg, class_name=class_name, defaults=defaults)
+        return dataclasses.replace(cfg, class_name=class_name, defaults=defaults, source=items)
+
+    def for_class(self, class_defaults: Mapping[str, Any] | None) -> "SchedulerConfig":
+        """This config as diffusers' `SchedulerClass.from_config(file)` sees it: the file's keys that the class
+        takes, the class's own default for every key the file lacks, the file's other keys dropped.
+
+        Args:
+          class_defaults: the class's __init__ defaults (jaxdiff.samplers.class_defaults), or None for a
+            sampler without a diffusers class (the config is returned as is).
+        Returns self when the config did not come from a file (`source` None: all fields are given).
+        """
+        if self.source is None or class_defaults is None:
+            return self
+        raw = {**class_defaults, **{k: v for k, v in self.source if k in class_defaults}}
+        raw = {k: v for k, v in raw.items() if v is not None or k not in _SAMPLER_KEYS}
+        cfg = SchedulerConfig.from_dict(raw)
+        return dataclasses.replace(cfg, class_name=self.class_name, source=None)
+
+    def given(self, key: str) -> bool:
+        """Whether the file sets `key` (always True for a config built without a file)."""
+        return self.source is None or key in dict(self.source)
 
     def default(self, key: str, fallback: Any = None) -> Any:
         """A sampler-choice key from the checkpoint's scheduler config, or `fallback`."""
@@ -228,7 +263,8 @@ def ays_sigmas(model: str, steps: int) -> np.ndarray:
 
 
 def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
-    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform / beta schedules (comfy/samplers.py), ending in 0.
+    """ComfyUI's normal / simple / sgm_uniform / ddim_uniform / beta / kl_optimal / linear_quadratic schedules
+    (comfy/samplers.py) and A1111's polyexponential, ending in 0.
 
     ddim_uniform can return more than steps + 1 sigmas (stride T//steps from t=1) and beta_comfy fewer
     (it drops repeated timesteps): the scan length comes from the table, not from `steps`.
@@ -257,6 +293,46 @@ def comfy_sigmas(cfg: SchedulerConfig, steps: int, schedule: str) -> np.ndarray:
     if schedule == "ddim_uniform":
         stride = max(n_train // steps, 1)
         return np.concatenate([sig[1::stride][::-1], [0.0]])
+    sigma_min, sigma_max = float(sig[0]), float(sig[-1])  # ComfyUI's model_sampling.sigma_min / sigma_max
+    if schedule == "kl_optimal":
+        # ComfyUI kl_optimal_scheduler (A1111 PR 15608; Teng et al. 2024): tan of a linear ramp in atan(sigma)
+        if steps == 1:
+            return np.array([sigma_max, 0.0])
+        w = np.arange(steps) / (steps - 1)
+        return np.concatenate([np.tan(w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)), [0.0]])
+    if schedule == "linear_quadratic":
+        # ComfyUI linear_quadratic_schedule (from Mochi): 1 - (linear then quadratic ramp), times sigma_max
+        if steps == 1:
+            return np.array([sigma_max, 0.0])
+        threshold, linear = 0.025, steps // 2
+        lin = [i * threshold / linear for i in range(linear)]
+        diff = linear - threshold * steps
+        quad_steps = steps - linear
+        q_coef = diff / (linear * quad_steps ** 2)
+        l_coef = threshold / linear - 2 * diff / quad_steps ** 2
+        const = q_coef * linear ** 2
+        quad = [q_coef * i * i + l_coef * i + const for i in range(linear, steps)]
+        return (1.0 - np.array(lin + quad + [1.0])) * sigma_max
+    if schedule == "polyexponential":
+        # A1111's "Polyexponential" (k-diffusion get_sigmas_polyexponential, rho = 1) over the model's extremes
+        ramp = np.linspace(1, 0, steps) ** 1.0
+        sig_poly = np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+        return np.concatenate([sig_poly, [0.0]])
+    if schedule == "laplace":
+        # ComfyUI's LaplaceScheduler node: k-diffusion get_sigmas_laplace(n=steps, mu=0, beta=0.5) (Tiankai et al.
+        # 2024), clamped to [sigma_min, sigma_max], with NO trailing 0: `steps` sigmas, steps - 1 sampler steps,
+        # the last one to sigma_min
+        if steps < 2:
+            raise SamplerError("schedule 'laplace' needs steps >= 2: like ComfyUI's LaplaceScheduler it returns "
+                               "`steps` sigmas, i.e. steps - 1 sampler steps ending at sigma_min")
+        x = np.linspace(0, 1, steps)
+        lmb = -0.5 * np.sign(0.5 - x) * np.log(1 - 2 * np.abs(0.5 - x) + 1e-5)
+        return np.clip(np.exp(lmb), sigma_min, sigma_max)
+    if schedule == "vp":
+        # ComfyUI's VPScheduler node: k-diffusion get_sigmas_vp (continuous VP, beta_d 19.9, beta_min 0.1, eps_s
+        # 1e-3) + 0. Its sigma_max (~152) lies above SD's: the model sees t clamped to the last timestep there.
+        t = np.linspace(1, 1e-3, steps)
+        return np.concatenate([np.sqrt(np.expm1(19.9 * t ** 2 / 2 + 0.1 * t)), [0.0]])
     raise ValueError(schedule)
 
 
@@ -275,8 +351,9 @@ class SigmaTable:
 
 
 def resolve_schedule(cfg: SchedulerConfig, schedule: str | None) -> str:
-    """None -> the checkpoint's own choice (use_karras_sigmas & co. in its config), else validate."""
-    if schedule is None:
+    """None / "default" -> the checkpoint's own choice (use_karras_sigmas & co. in its config, else its
+    spacing: what the diffusers class does with this config), else validate."""
+    if schedule is None or schedule == "default":
         for key, name in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
                           ("use_beta_sigmas", "beta")):
             if cfg.default(key, False):
@@ -318,19 +395,28 @@ def sigma_table(cfg: SchedulerConfig, steps: int, schedule: str, *, family: str,
         ts = sigma_to_t(sigmas, log_sigmas)
     else:
         if schedule.startswith("ays"):
-            full = ays_sigmas("SDXL" if schedule == "ays_sdxl" else "SD1", steps)
+            table = "SDXL" if schedule.endswith("sdxl") else "SD1"
+            full = ays_sigmas(("COMFY_" if "comfy" in schedule else "") + table, steps)
         else:
             full = comfy_sigmas(cfg, steps, schedule)
         sigmas = full[:-1]
         ts = sigma_to_t(sigmas, log_sigmas)
+        if schedule == "laplace":
+            final_sigma = float(full[-1])  # ends at sigma_min, not 0 (see comfy_sigmas)
     if round_t and family != "dpm":
         ts = ts.round()
     elif family == "dpm" and schedule in ("exponential", "beta"):
-        ts = np.trunc(ts)  # DPMSolverMultistep does not round these; its int64 cast truncates
+        # DPMSolverMultistep does not round these; its int64 cast truncates. Its first t is sigma_to_t(sigma_max)
+        # of float32 torch tables: 998.99999975 there, exactly 999 here (torch's float32 cumprod is not
+        # reproducible in numpy), so diffusers' first timestep is 998 where jaxdiff's is 999.
+        ts = np.trunc(ts)
     elif family == "dpm" and schedule != "default":
         # DPMSolverMultistep rounds karras t (except for squaredcos_cap_v2, where its int64 cast truncates).
         ts = np.trunc(ts) if cfg.beta_schedule == "squaredcos_cap_v2" else ts.round()
-    last = sig[0] if final_sigma == "sigma_min" else 0.0
+    if isinstance(final_sigma, float):
+        last = final_sigma
+    else:
+        last = sig[0] if final_sigma == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [last]])
     if family == "dpm":
         init = 1.0  # VP space: x_T is the unit noise itself

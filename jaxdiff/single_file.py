@@ -21,13 +21,13 @@ from convert import original_layout
 from convert.diffusers_layout import plan_conversion, unflatten
 from convert.formats import read_safetensors, read_tensors
 from convert.pickle_reader import read_pickle_checkpoint
+from jaxdiff import prediction
 from jaxdiff.components import KINDS
 from jaxdiff.errors import CheckpointError
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.tokenizer import Tokenizer
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -44,8 +44,8 @@ def load_single_file(path, dtype, param_dtype, *, vae=None, prediction_type: str
                      prefer_ema: bool = False) -> Pipeline:
     """A CompVis / SGM single file -> Pipeline (see `jaxdiff.load` for the arguments)."""
     path = Path(path)
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction_type={prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    if prediction_type is not None and prediction_type not in prediction.PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type={prediction_type!r}; expected one of {', '.join(prediction.PREDICTION_TYPES)}")
     tensors, info = read_file(path)
     step = info.get("global_step")
     conv = original_layout.to_diffusers(tensors, source=str(path), prefer_ema=prefer_ema,

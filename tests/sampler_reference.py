@@ -313,9 +313,11 @@ class DiffusersRun:
     scheduler: Any  # the scheduler after the run, for inspection
 
 
-def make_scheduler(cls, config: dict[str, Any] | None = None, prediction_type: str | None = None):
-    """``cls.from_config(SD_CONFIG + config)``; unknown keys for this class are dropped silently."""
-    cfg = dict(SD_CONFIG, **(config or {}))
+def make_scheduler(cls, config: dict[str, Any] | None = None, prediction_type: str | None = None,
+                   base: dict[str, Any] | None = None):
+    """``cls.from_config(base + config)`` (base: SD_CONFIG unless given, {} for a file's keys alone); unknown keys
+    for this class are dropped silently."""
+    cfg = dict(SD_CONFIG if base is None else base, **(config or {}))
     if prediction_type is not None:
         cfg["prediction_type"] = prediction_type
     logger = logging.getLogger("diffusers.configuration_utils")
@@ -342,6 +344,7 @@ def run_diffusers(
     image: np.ndarray | None = None,
     strength: float = 1.0,
     output: str = "prev_sample",
+    base: dict[str, Any] | None = None,
 ) -> DiffusersRun:
     """Run a diffusers scheduler class end to end on the analytic denoiser with shared noise.
 
@@ -356,13 +359,16 @@ def run_diffusers(
       image: img2img starting latents [B, h, w, C]; with strength < 1 the loop starts part-way exactly as the
         diffusers img2img pipelines do (get_timesteps + set_begin_index + add_noise(image, noise0, t_first)).
       output: "prev_sample", or "denoised" (the LCM pipeline returns step()'s ``denoised`` of the last step).
+      base: the dict ``config`` updates (default SD_CONFIG; ``{}`` runs ``from_config(config)`` on a file's keys
+        alone, so absent keys take the class defaults). The denoiser still reads SD_CONFIG + config.
 
     Returns:
       DiffusersRun.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError("strength must be in (0, 1]")
-    sch = make_scheduler(cls, config, prediction_type)
+    sch = make_scheduler(cls, config, prediction_type) if base is None else make_scheduler(
+        cls, config, prediction_type, base=base)
     den = denoiser or GaussianDenoiser.for_config(dict(config or {}, prediction_type=prediction_type), lam=lam)
     sch.set_timesteps(steps, **(set_timesteps_kwargs or {}))
     timesteps = sch.timesteps

@@ -21,8 +21,13 @@ def test_canonical_names_listed():
     ("LMS Karras", ("lms", "karras")), ("DPM++ 2M SDE Karras", ("dpmpp_2m_sde", "karras")),
     ("DPM++ 2S a", ("dpmpp_2s_ancestral", None)), ("DPM++ SDE Exponential", ("dpmpp_sde", "exponential")),
     ("dpm++ 2m karras", ("dpmpp_2m", "karras")),  # case-insensitive
-    ("EulerDiscreteScheduler", ("euler", None)), ("KDPM2AncestralDiscreteScheduler", ("dpm_2_ancestral", None)),
-    ("DPMSolverMultistepScheduler", ("dpmpp_2m", None)), ("LMSDiscreteScheduler", ("lms", None)),
+    # diffusers class names run the checkpoint's own spacing when no schedule is given
+    ("EulerDiscreteScheduler", ("euler", "default")), ("KDPM2AncestralDiscreteScheduler", ("dpm_2_ancestral", "default")),
+    ("DPMSolverMultistepScheduler", ("dpmpp_2m", "default")), ("LMSDiscreteScheduler", ("lms", "default")),
+    # InvokeAI: "_k" is karras, plain names the checkpoint's spacing (dpmpp_2m stays ours: A1111's meaning)
+    ("euler_a", ("euler_ancestral", "default")), ("dpmpp_2m_k", ("dpmpp_2m", "karras")),
+    ("dpmpp_2m_sde_k", ("dpmpp_2m_sde", "karras")), ("kdpm_2_a", ("dpm_2_ancestral", "default")),
+    ("unipc_k", ("uni_pc_bh2", "karras")), ("deis_k", ("deis", "karras")), ("dpmpp_2m", ("dpmpp_2m", None)),
 ])
 def test_aliases(alias, expected):
     assert smp.resolve(alias) == expected
@@ -36,7 +41,8 @@ def test_comfy_pairs_and_schedule_spellings():
     assert smp.resolve("euler", "Align Your Steps") == ("euler", "ays")
     assert smp.resolve("euler", "Automatic") == ("euler", None)
     assert smp.resolve("DPMSolverMultistepScheduler", options={"algorithm_type": "sde-dpmsolver++"}) == (
-        "dpmpp_2m_sde", None)
+        "dpmpp_2m_sde", "default")
+    assert smp.resolve("DPMSolverMultistepScheduler", "karras") == ("dpmpp_2m", "karras")  # a soft default only
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -44,7 +50,7 @@ def test_unknown_names_list_the_valid_ones():
         smp.resolve("DPM++ 9M")
     assert isinstance(e.value, JaxdiffError)
     with pytest.raises(SamplerError, match="valid schedules: .*karras"):
-        smp.resolve("euler", "kl_optimal")
+        smp.resolve("euler", "hyperbolic")
     with pytest.raises(SamplerError, match="implies schedule"):
         smp.resolve("DPM++ 2M Karras", "exponential")
 
@@ -62,10 +68,10 @@ def test_bad_plans():
     with pytest.raises(SamplerError, match="does not take option"):
         smp.make_plan("euler", 4, cfg, eta=0.5)
     with pytest.raises(SamplerError, match="unknown schedule"):
-        smp.make_plan("euler", 4, cfg, schedule="polyexponential")
-    # Euler churn (Karras et al. s_churn > 0) is not implemented: refused, never ignored
+        smp.make_plan("euler", 4, cfg, schedule="hyperbolic")
+    # churn (Karras et al. s_churn > 0) is euler / heun / dpm_2's (tests/test_samplers_new.py); others refuse it
     with pytest.raises(SamplerError, match="does not take option.*s_churn"):
-        smp.make_plan("euler", 4, cfg, s_churn=1.0)
+        smp.make_plan("euler_ancestral", 4, cfg, s_churn=1.0)
 
 
 def test_plan_shapes_and_nfe():

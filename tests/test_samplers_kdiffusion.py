@@ -111,7 +111,8 @@ def _parity(name, steps, spacing="leading", pred="epsilon", karras=False, zero_s
         over["use_karras_sigmas"] = True
     over.update(options)
     cfg = SchedulerConfig.from_dict({**SD_CONFIG, **over})
-    plan = smp.make_plan(name, steps, cfg)
+    # "default": the checkpoint's spacing as diffusers runs it (no schedule would be A1111's karras for DPM++)
+    plan = smp.make_plan(name, steps, cfg, schedule=None if karras else "default")
     noise0, noises = make_noise(SHAPE, plan.nfe, seed=steps)
     den = _denoiser(lam, pred, zero_snr)
     ref = run_diffusers(cls, steps, noise0, noises, denoiser=den, config=over, prediction_type=pred)
@@ -167,8 +168,8 @@ def test_dpmpp_2m_solver_order():
     with pytest.raises(SamplerError, match="solver_order=3 is not implemented"):
         smp.make_plan("dpmpp_2m", 10, SchedulerConfig(), solver_order=3)
     assert smp.make_plan("dpmpp_2m", 10, cfg, solver_order=2).nfe == 10  # the explicit way out
-    plain = smp.build_tables("dpmpp_2m", 10, SchedulerConfig())[1].tables
-    first = smp.build_tables("dpmpp_2m", 10, SchedulerConfig(), solver_order=1)[1].tables
+    plain = smp.build_tables("dpmpp_2m", 10, SchedulerConfig(), schedule="default")[1].tables
+    first = smp.build_tables("dpmpp_2m", 10, SchedulerConfig(), schedule="default", solver_order=1)[1].tables
     assert np.abs(plain["b1"]).max() > 0 and np.abs(first["b1"]).max() == 0  # order 1: no history term
     # the checkpoint's algorithm_type picks the SDE variant for the class name; noise-prediction
     # DPM-Solver (algorithm_type="dpmsolver") is refused
@@ -210,7 +211,7 @@ def _diffusers_f64(cls, steps, config, noise0, noises, den):
 def _ours_f64(name, steps, cfg, noise0, noises, den):
     """Our float64 host tables (smp.build_tables) replayed in numpy float64 through the VE body's formula
     (kdiffusion._ve_body: x' = ax x + as xs + cd d + cds ds + bD D + cn n + cns ns)."""
-    tab = smp.build_tables(name, steps, cfg)[1]
+    tab = smp.build_tables(name, steps, cfg, schedule="default")[1]
     T = tab.tables
     x = noise0.astype(np.float64) * tab.init_noise_sigma
     xs = ds = ns = np.zeros_like(x)
@@ -246,7 +247,7 @@ def test_linspace_two_stage_float64(name):
         over = dict(extra, timestep_spacing=spacing)
         cfg = SchedulerConfig.from_dict({**SD_CONFIG, **over})
         den = _denoiser()
-        plan = smp.make_plan(name, steps, cfg)
+        plan = smp.make_plan(name, steps, cfg, schedule="default")
         noise0, noises = make_noise(SHAPE, plan.nfe, seed=steps)
         truth = _diffusers_f64(cls, steps, over, noise0, noises, den)
         scale = max(1.0, float(np.abs(truth).max()))
@@ -256,7 +257,10 @@ def test_linspace_two_stage_float64(name):
         # float32 error of the same size on both sides (diffusers' float32 sigma_down makes DPM2 a's up to
         # 1.9e-5 of the scale at 2 steps, ours stays below 4e-6)
         assert float(np.abs(ours32 - truth).max()) <= 1e-5 * scale, (name, spacing, steps)
-        assert float(np.abs(theirs32 - truth).max()) <= 3e-5 * scale, (name, spacing, steps)
+        # diffusers' own float32 DPM2 a at linspace / 2 steps is 7.2e-3 (1.6e-4 of the scale) away from its
+        # float64 replay (measured with diffusers 0.42.1; this check failed before the class-defaults change too)
+        theirs_tol = 2e-4 if (name, spacing, steps) == ("dpm_2_ancestral", "linspace", 2) else 3e-5
+        assert float(np.abs(theirs32 - truth).max()) <= theirs_tol * scale, (name, spacing, steps)
 
 
 # ------------------------------------------------------------------------------- formulas, img2img, driver
@@ -266,7 +270,7 @@ def test_kdiffusion_formulas(name, ref):
     the harness) over our Euler tables; the model sees fractional t = sigma_to_t(sigma) in both."""
     den = _denoiser()
     cfg = SchedulerConfig.from_dict(SD_CONFIG)
-    for steps, schedule in ((1, None), (3, None), (10, "karras"), (15, None)):
+    for steps, schedule in ((1, "default"), (3, "default"), (10, "karras"), (15, "default")):
         plan = smp.make_plan(name, steps, cfg, schedule=schedule)
         sigmas = sigma_table(cfg, steps, resolve_schedule(cfg, schedule), family="euler").sigmas
         noise0, noises = make_noise(SHAPE, plan.nfe, seed=steps)
@@ -283,12 +287,12 @@ def test_img2img_strength_matches_diffusers(name):
     cls, extra, _ = CLASSES[name]
     cfg = SchedulerConfig.from_dict({**SD_CONFIG, **extra})
     image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32) * 0.5
-    plan = smp.make_plan(name, 20, cfg, strength=0.5)
+    plan = smp.make_plan(name, 20, cfg, strength=0.5, schedule="default")
     noise0, noises = make_noise(SHAPE, 40, seed=3)
     ref = run_diffusers(cls, 20, noise0, noises, denoiser=_denoiser(), config=extra, image=image, strength=0.5)
     x_T = smp.initial_latents(plan, jnp.asarray(noise0), jnp.asarray(image))
     np.testing.assert_allclose(np.asarray(x_T), ref.x_T, rtol=2e-6, atol=2e-6)
-    assert plan.nfe == ref.nfe == smp.make_plan(name, 10, cfg).nfe
+    assert plan.nfe == ref.nfe == smp.make_plan(name, 10, cfg, schedule="default").nfe
     x = run_jax(plan, x_T, noises[: plan.nfe], _denoiser())
     assert float(np.abs(x - ref.x).max()) <= TOL.get(name, 1e-5)
 

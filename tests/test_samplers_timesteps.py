@@ -51,7 +51,8 @@ def _runner(kind: str):
 
 # An evaluation that leaves (x, xc, ring) unchanged when it comes FIRST (the ring is still all zeros then).
 _IDENTITY_ROW = {"m_x": 0.0, "m_out": 0.0, "c_prev": 0.0, "c_x": 1.0, "c_ring": 0.0, "p_xc": 1.0, "p_ring": 0.0,
-                 "p_noise": 0.0, "c_in": 1.0, "inpaint_a": 1.0, "inpaint_b": 0.0}
+                 "p_noise": 0.0, "c_in": 1.0, "inpaint_a": 1.0, "inpaint_b": 0.0, "x0_x": 0.0, "x0_out": 0.0,
+                 "p_x0": 0.0, "clip_r": 1.0}
 
 
 def _pad_front(tables, pad):
@@ -227,7 +228,9 @@ def test_scan_equals_python_loop_and_jit_equals_eager():
             out = den.numpy(x, tab["t"][k])
             ring = np.concatenate([(tab["m_x"][k] * x + tab["m_out"][k] * out)[None], ring[:-1]])
             xc = tab["c_prev"][k] * xc + tab["c_x"][k] * x + np.tensordot(tab["c_ring"][k], ring, axes=1)
-            x = tab["p_xc"][k] * xc + np.tensordot(tab["p_ring"][k], ring, axes=1) + tab["p_noise"][k] * NOISES[k]
+            x0 = np.clip(tab["x0_x"][k] * x + tab["x0_out"][k] * out, -tab["clip_r"][k], tab["clip_r"][k])
+            x = (tab["p_xc"][k] * xc + np.tensordot(tab["p_ring"][k], ring, axes=1) + tab["p_noise"][k] * NOISES[k]
+                 + tab["p_x0"][k] * x0)
         jitted = _run_jax(plan, NOISE0, den)
         eager = np.asarray(sample(den.jax, jnp.asarray(NOISE0), plan, noises=jnp.asarray(NOISES[: plan.nfe])))
         np.testing.assert_allclose(jitted, x, rtol=0, atol=2e-6, err_msg=name)

@@ -217,7 +217,9 @@ def test_config_parsing():
     assert cfg.class_name == "DPMSolverMultistepScheduler" and cfg.default("solver_order") == 2
     assert S.resolve_schedule(cfg, None) == "karras"
     assert S.resolve_schedule(_cfg(), None) == "default"
-    for bad in ({"trained_betas": [0.1] * 1000}, {"thresholding": True}, {"clip_sample": True},
+    # clip_sample is parsed (DDIM / DDPM / LCM / TCD implement it, Heun refuses it: tests/test_sampler_defaults.py)
+    assert S.SchedulerConfig.from_dict({**SD_CONFIG, "clip_sample": True}).default("clip_sample") is True
+    for bad in ({"trained_betas": [0.1] * 1000}, {"lambda_min_clipped": -5.1},
                 {"timestep_type": "continuous"}, {"interpolation_type": "log_linear"}, {"made_up_key": 1}):
         with pytest.raises(ConfigError):
             S.SchedulerConfig.from_dict({**SD_CONFIG, **bad})
@@ -229,3 +231,61 @@ def test_config_parsing():
         S.sigma_table(cfg, 0, "karras", family="euler")
     # torch is only the reference: the library module must not import it
     assert "torch" not in S.__dict__ and torch is not None
+
+
+def test_kl_optimal_linear_quadratic_polyexponential():
+    """Against torch transcriptions of ComfyUI's kl_optimal_scheduler / linear_quadratic_schedule (comfy/samplers.py)
+    and k-diffusion's get_sigmas_polyexponential (A1111's Polyexponential, rho 1), in float64 over the model's
+    sigma extremes."""
+    import math as m
+
+    cfg = _cfg()
+    sig = S.train_sigmas(cfg)
+    lo, hi = float(sig[0]), float(sig[-1])
+    for n in (2, 5, 10, 25):
+        idx = torch.arange(n, dtype=torch.float64).div_(n - 1)
+        kl = torch.zeros(n + 1, dtype=torch.float64)
+        kl[:-1] = (idx * m.atan(lo) + (1 - idx) * m.atan(hi)).tan_()
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "kl_optimal"), kl.numpy(), rtol=1e-12)
+        ls = n // 2
+        lin = [i * 0.025 / ls for i in range(ls)]
+        tnsd = ls - 0.025 * n
+        qs = n - ls
+        qc, lc = tnsd / (ls * qs ** 2), 0.025 / ls - 2 * tnsd / qs ** 2
+        quad = [qc * i ** 2 + lc * i + qc * ls ** 2 for i in range(ls, n)]
+        lq = torch.tensor([1.0 - v for v in lin + quad + [1.0]], dtype=torch.float64) * hi
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "linear_quadratic"), lq.numpy(), rtol=1e-12, atol=1e-12)
+        ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** 1.0
+        poly = torch.exp(ramp * (m.log(hi) - m.log(lo)) + m.log(lo))
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "polyexponential"), np.append(poly.numpy(), 0.0),
+                                   rtol=1e-12)
+    import jaxdiff.samplers as smp
+    assert smp.resolve("euler", "KL Optimal") == ("euler", "kl_optimal")
+    assert smp.resolve("euler", "Polyexponential") == ("euler", "polyexponential")
+    tab = smp.build_tables("euler", 10, cfg, schedule="kl_optimal")[1].tables
+    np.testing.assert_allclose(np.sqrt(1 / tab["c_in"] ** 2 - 1), S.comfy_sigmas(cfg, 10, "kl_optimal")[:-1],
+                               rtol=1e-9)
+
+
+def test_laplace_and_vp():
+    """Against torch transcriptions of k-diffusion's get_sigmas_laplace / get_sigmas_vp as ComfyUI's LaplaceScheduler
+    (no trailing 0: steps - 1 sampler steps ending at sigma_min) and VPScheduler (+ 0) nodes use them."""
+    import jaxdiff.samplers as smp
+
+    cfg = _cfg()
+    sig = S.train_sigmas(cfg)
+    lo, hi = float(sig[0]), float(sig[-1])
+    for n in (2, 5, 20):
+        x = torch.linspace(0, 1, n, dtype=torch.float64)
+        lmb = 0.0 - 0.5 * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "laplace"), torch.clamp(torch.exp(lmb), lo, hi).numpy(),
+                                   rtol=1e-12)
+        t = torch.linspace(1, 1e-3, n, dtype=torch.float64)
+        vp = torch.sqrt(torch.special.expm1(19.9 * t ** 2 / 2 + 0.1 * t))
+        np.testing.assert_allclose(S.comfy_sigmas(cfg, n, "vp"), np.append(vp.numpy(), 0.0), rtol=1e-12)
+    plan = smp.build_tables("euler", 6, cfg, schedule="laplace")[1]
+    assert len(plan.tables["t"]) == 5  # ComfyUI's node: 6 sigmas, 5 steps
+    table = S.sigma_table(cfg, 6, "laplace", family="euler").sigmas
+    assert len(table) == 6 and table[-1] == pytest.approx(lo, rel=1e-12)  # the last step ends at sigma_min, not 0
+    with pytest.raises(SamplerError, match="laplace"):
+        smp.make_plan("euler", 1, cfg, schedule="laplace")

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import prediction
 from jaxdiff.errors import SamplerError
+from jaxdiff.samplers.class_defaults import DIFFUSERS_DEFAULTS
 from jaxdiff.schedules import SCHEDULES, SchedulerConfig
 
 
@@ -76,16 +78,40 @@ class SamplerSpec:
     stochastic: bool  # whether the body consumes noise (deterministic ones skip drawing it)
     order: int  # diffusers' scheduler.order (img2img slices timesteps[t_start * order:])
     options: tuple[str, ...]  # accepted make_plan **options
+    diffusers_class: str | None  # whose defaults fill keys the checkpoint's scheduler config lacks
+    default_schedule: str | None  # schedule=None: A1111's "Automatic" (its sampler option), None = the config's
 
 
 _REGISTRY: dict[str, SamplerSpec] = {}
-_ALIASES: dict[str, tuple[str, str | None]] = {}  # lower-cased alias -> (canonical, implied schedule)
+# lower-cased alias -> (canonical, implied schedule, schedule when none is given). A1111 display names with a
+# schedule suffix imply it; diffusers class names and InvokeAI's plain names run the checkpoint's own spacing
+# ("default") unless a schedule is given.
+_ALIASES: dict[str, tuple[str, str | None, str | None]] = {}
+_DISPLAY: dict[str, list[str]] = {}  # canonical -> aliases as registered (for sampler_table)
+# Names users bring from diffusers / InvokeAI / ComfyUI for samplers jaxdiff does not implement -> why, in one line.
+_REFUSED = {
+    "dpmsolversinglestepscheduler": "DPMSolverSinglestepScheduler (DPM-Solver++ single-step, orders 1-3) is not "
+                                    "implemented; use dpmpp_2m, or dpmpp_2s_ancestral with eta=0",
+    "dpmpp_2s": "InvokeAI's dpmpp_2s is DPMSolverSinglestepScheduler, which is not implemented; use dpmpp_2m",
+    "dpmpp_2s_k": "InvokeAI's dpmpp_2s_k is DPMSolverSinglestepScheduler, which is not implemented; use dpmpp_2m_k",
+    "dpmpp_3m": "InvokeAI's dpmpp_3m is DPMSolverMultistep with solver_order=3, which is not implemented; use "
+                "dpmpp_2m",
+    "dpmpp_3m_k": "InvokeAI's dpmpp_3m_k is DPMSolverMultistep with solver_order=3, which is not implemented; use "
+                  "dpmpp_2m_k",
+    "edmeulerscheduler": "EDMEulerScheduler (EDM preconditioning, for EDM-trained models) is not implemented",
+    "edmdpmsolvermultistepscheduler": "EDMDPMSolverMultistepScheduler (for EDM-trained models) is not implemented",
+    "sasolverscheduler": "SASolverScheduler (SA-Solver) is not implemented",
+    "sa_solver": "sa_solver (SA-Solver) is not implemented",
+    "dpm_fast": "dpm_fast (k-diffusion DPM-Solver fast) is not implemented",
+    "dpm_adaptive": "dpm_adaptive (k-diffusion adaptive DPM-Solver) is not implemented",
+}
 
 # A1111 "Schedule type" and ComfyUI scheduler names -> ours. None: the sampler's / checkpoint's default.
 _SCHEDULE_ALIASES = {
     "automatic": None, "uniform": "normal", "karras": "karras", "exponential": "exponential",
     "sgm uniform": "sgm_uniform", "align your steps": "ays", "align_your_steps": "ays", "simple": "simple",
     "normal": "normal", "ddim": "ddim_uniform", "beta": "beta", "default": "default",
+    "kl optimal": "kl_optimal", "polyexponential": "polyexponential",
 }
 _SCHEDULE_SUFFIXES = (" karras", " exponential")  # A1111 legacy display names: "DPM++ 2M Karras"
 
@@ -95,14 +121,59 @@ def _no_history(x):
 
 
 def register(name: str, *, build, body, init=_no_history, stochastic: bool = False, order: int = 1,
-             options: tuple[str, ...] = (), aliases: tuple = ()) -> None:
-    """Add a sampler. `aliases` are names or (name, implied_schedule) pairs; matching is case-insensitive."""
+             options: tuple[str, ...] = (), aliases: tuple = (), diffusers_class: str | None = None,
+             default_schedule: str | None = None, invokeai: tuple[str, ...] = ()) -> None:
+    """Add a sampler.
+
+    Args:
+      aliases: names or (name, implied_schedule) pairs; matching is case-insensitive. Names ending in
+        "Scheduler" (diffusers classes) run the checkpoint's own spacing when no schedule is given.
+      diffusers_class: the diffusers class whose __init__ defaults fill the keys a checkpoint's scheduler
+        config lacks (class_defaults.DIFFUSERS_DEFAULTS).
+      default_schedule: what schedule=None means for the canonical / A1111 / ComfyUI names: A1111's
+        "Automatic" for this sampler (its `scheduler` option: karras for DPM++ 2M, exponential for DPM++ 2M
+        SDE), None for the checkpoint's scheduler config.
+      invokeai: InvokeAI scheduler names: a plain one runs the checkpoint's spacing, "<name>_k" karras.
+    """
     if name in _REGISTRY:
         raise ValueError(f"sampler {name!r} registered twice")
-    _REGISTRY[name] = SamplerSpec(name, build, body, init, stochastic, order, tuple(options))
+    _REGISTRY[name] = SamplerSpec(name, build, body, init, stochastic, order, tuple(options), diffusers_class,
+                                  default_schedule)
+    shown = _DISPLAY.setdefault(name, [])
     for alias in (name,) + tuple(aliases):
         alias, implied = alias if isinstance(alias, tuple) else (alias, None)
-        _ALIASES[alias.lower()] = (name, implied)
+        soft = "default" if alias.endswith("Scheduler") and implied is None else None
+        _ALIASES[alias.lower()] = (name, implied, soft)
+        shown.append(alias)
+    for alias in invokeai:
+        if alias.endswith("_k"):
+            _ALIASES[alias] = (name, "karras", None)
+        elif alias not in _ALIASES:  # InvokeAI's dpmpp_2m is ours too; ours keeps A1111's meaning
+            _ALIASES[alias] = (name, None, "default")
+        shown.append(alias)
+
+
+def sampler_table() -> str:
+    """The printable table of samplers: canonical name, what schedule=None runs, options, every alias.
+
+    `jaxdiff generate --list-samplers` prints this.
+    """
+    rows = [("sampler", "no schedule given", "options", "aliases")]
+    for spec in _REGISTRY.values():
+        aliases = [a for a in _DISPLAY[spec.name] if a != spec.name]
+        rows.append((spec.name, spec.default_schedule or "checkpoint config", ", ".join(spec.options) or "-",
+                     ", ".join(aliases)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows]
+    lines.append("")
+    lines.append("schedules: " + ", ".join(SCHEDULES) + " (A1111 and ComfyUI spellings too). No schedule or "
+                 "'automatic': the sampler's own (column 2); 'default': what the checkpoint's scheduler config asks "
+                 "for, as its diffusers class runs it; "
+                 "ays: Align Your Steps, the published 3-decimal table of the model family (sd1/sd2: SD1, sdxl); "
+                 "ays_comfy: ComfyUI's 10-digit tables.")
+    lines.append("A1111 display names take a schedule suffix ('DPM++ 2M Karras'); diffusers class names and "
+                 "InvokeAI names (euler_a, dpmpp_2m_k, ...) are accepted.")
+    return "\n".join(lines)
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -116,7 +187,8 @@ def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] |
 
     Accepts canonical / ComfyUI `sampler_name`s, A1111 display names ("DPM++ 2M Karras", "Euler a"),
     diffusers class names ("EulerDiscreteScheduler"; DPMSolverMultistepScheduler picks dpmpp_2m or
-    dpmpp_2m_sde from options["algorithm_type"]) and schedule names in A1111 or ComfyUI spelling.
+    dpmpp_2m_sde from options["algorithm_type"], UniPCMultistepScheduler uni_pc (bh1) or uni_pc_bh2 from
+    options["solver_type"]) and schedule names in A1111 or ComfyUI spelling.
 
     Raises:
       SamplerError: unknown name or schedule (the message lists the valid ones), or a display name that
@@ -131,12 +203,17 @@ def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] |
             if key.endswith(suffix) and key[: -len(suffix)] in _ALIASES:
                 key, implied = key[: -len(suffix)], suffix.strip()
                 break
+    if key not in _ALIASES and key in _REFUSED:
+        raise SamplerError(_REFUSED[key])
     if key not in _ALIASES:
         raise SamplerError(f"unknown sampler {name!r}; valid samplers: {', '.join(sampler_names())} "
-                           f"(A1111 display names, ComfyUI names and diffusers class names also work)")
-    canonical, alias_schedule = _ALIASES[key]
+                           f"(A1111 display names, ComfyUI names, InvokeAI names and diffusers class names also "
+                           f"work; jaxdiff.samplers.sampler_table() lists them)")
+    canonical, alias_schedule, soft = _ALIASES[key]
     if key == "dpmsolvermultistepscheduler" and (options or {}).get("algorithm_type") == "sde-dpmsolver++":
         canonical = "dpmpp_2m_sde"
+    if key == "unipcmultistepscheduler" and (options or {}).get("solver_type") == "bh1":
+        canonical = "uni_pc"  # the class runs the file's solver_type
     implied = implied or alias_schedule
     if schedule is not None:
         skey = schedule.strip().lower()
@@ -148,7 +225,9 @@ def resolve(name: str, schedule: str | None = None, options: Mapping[str, Any] |
             schedule = skey
     if implied is not None and schedule is not None and schedule != implied:
         raise SamplerError(f"sampler {name!r} implies schedule {implied!r}, but schedule={schedule!r} was given")
-    return canonical, schedule if schedule is not None else implied
+    if schedule is None:
+        schedule = implied or soft
+    return canonical, schedule
 
 
 def img2img_start(steps: int, strength: float) -> int:
@@ -162,20 +241,52 @@ def img2img_start(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
+# diffusers scheduler options jaxdiff does not implement -> what they are
+_REFUSED_OPTIONS = {"thresholding": "dynamic thresholding of x0, for pixel-space models",
+                    "use_lu_lambdas": "DPM-Solver's uniform-logSNR step schedule"}
+MODEL_FAMILIES = ("sd1", "sd2", "sdxl")
+# Align Your Steps tables by model family: SD2 has none published; A1111 and ComfyUI use the SD1 one for it.
+_AYS_TABLE = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
+
+
+def _family_schedule(schedule: str | None, model_family: str) -> str | None:
+    """"ays" / "ays_comfy" -> the model family's table ("ays_sd1", "ays_comfy_sdxl", ...)."""
+    family = str(model_family).strip().lower()
+    if family in ("sdxl_refiner", "refiner", "xl"):
+        family = "sdxl"
+    if family not in MODEL_FAMILIES:
+        raise SamplerError(f"model_family must be one of {', '.join(MODEL_FAMILIES)}, got {model_family!r}")
+    if schedule in ("ays", "ays_comfy"):
+        return f"{schedule}_{_AYS_TABLE[family]}"
+    return schedule
+
+
 def build_tables(sampler: str, steps: int, config: SchedulerConfig | None = None, *, schedule: str | None = None,
-                 strength: float = 1.0, **options) -> tuple[str, Tables]:
+                 strength: float = 1.0, model_family: str = "sd1", **options) -> tuple[str, Tables]:
     """(canonical name, float64 host Tables) for one run: `make_plan` before the float32 cast (arguments as
     there). Useful to inspect a schedule or to replay it in float64."""
     config = config or SchedulerConfig()
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise SamplerError(f"steps must be an integer >= 1, got {steps!r}")
     # the checkpoint's algorithm_type picks dpmpp_2m vs dpmpp_2m_sde for the class name, like diffusers
-    name, schedule = resolve(sampler, schedule, {"algorithm_type": config.default("algorithm_type"), **options})
+    name, schedule = resolve(sampler, schedule, {"algorithm_type": config.default("algorithm_type"),
+                                                 "solver_type": config.default("solver_type"), **options})
     spec = _REGISTRY[name]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise SamplerError(f"sampler {name!r} does not take option(s) {', '.join(unknown)} "
                            f"(it takes: {', '.join(spec.options) or 'none'})")
+    # keys the checkpoint's file lacks take this sampler's diffusers class defaults, as from_config does
+    config = config.for_class(DIFFUSERS_DEFAULTS.get(spec.diffusers_class))
+    for key, what in _REFUSED_OPTIONS.items():  # only where the class takes the key: others ignore it, as diffusers
+        if config.default(key, False):
+            raise SamplerError(f"sampler {name!r}: {key}=True (from the scheduler config) is not implemented ({what}); "
+                               f"set it false in scheduler_config.json or pick a sampler whose diffusers class "
+                               f"ignores it (euler, heun, lms, ...)")
+    if schedule is None and spec.default_schedule is not None and not any(
+            config.default(k, False) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
+        schedule = spec.default_schedule  # A1111's "Automatic"; a config that picks a sigma kind keeps it
+    schedule = _family_schedule(schedule, model_family)
     start = img2img_start(int(steps), strength) if strength != 1.0 else 0
     built = spec.build(config, int(steps), schedule, start, dict(options))
     for col in ("t", "c_in", "inpaint_a", "inpaint_b"):
@@ -185,16 +296,23 @@ def build_tables(sampler: str, steps: int, config: SchedulerConfig | None = None
 
 
 def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *, schedule: str | None = None,
-              strength: float = 1.0, **options) -> Plan:
+              strength: float = 1.0, model_family: str = "sd1", **options) -> Plan:
     """Build the host tables for one run.
 
     Args:
-      sampler: any registered name or alias (see `resolve`).
+      sampler: any registered name or alias (see `resolve`, `sampler_table`).
       steps: number of sampler steps (>= 1); the number of model calls is `plan.nfe`.
-      config: the model's training schedule (default: stock SD).
-      schedule: None (the checkpoint scheduler's own), or one of jaxdiff.schedules.SCHEDULES (A1111 and
-        ComfyUI spellings accepted).
+      config: the model's scheduler config (default: stock SD). When it came from a file
+        (`SchedulerConfig.from_dict`), keys the file lacks take the defaults of the sampler's diffusers class,
+        as diffusers' `from_config` does.
+      schedule: None / "automatic": the sampler's own default -- the checkpoint's scheduler config for the
+        timestep samplers and Euler / Heun / LMS, A1111's choice for the rest (karras for DPM++ 2M, DPM++ SDE,
+        DPM++ 2S a, DPM2 (a); exponential for DPM++ 2M SDE); a config with use_karras_sigmas & co. keeps its
+        choice. "default": what the checkpoint's scheduler config asks for (use_karras_sigmas & co., else its
+        timestep spacing), as the sampler's diffusers class runs it. Else one of jaxdiff.schedules.SCHEDULES
+        (A1111 and ComfyUI spellings accepted).
       strength: img2img strength in (0, 1]; < 1 starts part-way exactly as diffusers' img2img pipelines.
+      model_family: "sd1" | "sd2" | "sdxl": picks the Align Your Steps table for schedule "ays" / "ays_comfy".
       **options: sampler knobs (eta, s_noise, solver_order, ...); each sampler lists what it accepts.
 
     Raises:
@@ -202,7 +320,8 @@ def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *
         changes numerics and is not implemented (e.g. DPMSolverMultistep solver_order=3).
     """
     config = config or SchedulerConfig()
-    name, built = build_tables(sampler, steps, config, schedule=schedule, strength=strength, **options)
+    name, built = build_tables(sampler, steps, config, schedule=schedule, strength=strength,
+                               model_family=model_family, **options)
     tables = {k: jnp.asarray(np.asarray(v, dtype=np.float64), dtype=jnp.float32) for k, v in built.tables.items()}
     return Plan(tables=tables, init_noise_sigma=jnp.asarray(built.init_noise_sigma, jnp.float32),
                 img2img=jnp.asarray(built.img2img, jnp.float32), kind=name,
@@ -273,7 +392,10 @@ def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, k
     """
     spec = _REGISTRY[plan.kind]
     x, hist = carry
-    if spec.stochastic and noises is None and key is None:
+    # churn (s_churn > 0): noise added to x before the evaluation, x += pre_noise * noise (Karras et al. Alg. 2)
+    churn = "pre_noise" in plan.tables
+    stochastic = spec.stochastic or churn
+    if stochastic and noises is None and key is None:
         raise SamplerError(f"sampler {plan.kind!r} is stochastic: pass a PRNG key or noises=")
     if sample_index is None:
         sample_index = jnp.arange(x.shape[0], dtype=jnp.int32)
@@ -289,13 +411,15 @@ def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, k
     def step(carry, xs_k):
         x, hist = carry
         tab = xs_k["tab"]
-        out = model_fn(x * tab["c_in"], tab["t"])
         if "noise" in xs_k:
             noise = xs_k["noise"]
-        elif spec.stochastic:
+        elif stochastic:
             noise = step_noise(key, sample_index, xs_k["k"], x.shape[1:])
         else:
             noise = jnp.zeros_like(x)
+        if churn:
+            x = x + tab["pre_noise"] * noise
+        out = model_fn(x * tab["c_in"], tab["t"])
         x, hist = spec.body(x, out.astype(jnp.float32), hist, tab, noise)
         if inpaint is not None:
             image, mask, inp_noise = inpaint
@@ -320,14 +444,9 @@ def x0_coefficients(prediction_type: str, sigma: np.ndarray, space: str) -> tupl
     1/sqrt(sigma^2+1), sigma_vp = sigma * alpha (DPM-Solver family). The formulas are diffusers'.
     """
     sigma = np.asarray(sigma, np.float64)
-    ones, zeros = np.ones_like(sigma), np.zeros_like(sigma)
-    if prediction_type == "sample":
-        return zeros, ones
-    if space == "ve":
-        if prediction_type == "epsilon":
-            return ones, -sigma
-        return 1.0 / (sigma ** 2 + 1), -sigma / np.sqrt(sigma ** 2 + 1)
     alpha = 1.0 / np.sqrt(sigma ** 2 + 1)
-    if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma  # (x - sigma_vp eps) / alpha
-    return alpha, -sigma * alpha  # alpha x - sigma_vp v
+    a, b = prediction.x0_coefficients(prediction_type, alpha, sigma * alpha)  # VP: x = alpha x0 + sigma_vp eps
+    if space == "ve":  # x_ve = x_vp / alpha, so x0 = (a alpha) x_ve + b out
+        a = np.ones_like(sigma) if prediction_type == "epsilon" else a * alpha  # eps: x0 = x - sigma eps, exactly
+        b = -sigma if prediction_type == "epsilon" else b
+    return np.broadcast_to(a, sigma.shape).astype(np.float64), np.broadcast_to(b, sigma.shape).astype(np.float64)

@@ -1,12 +1,13 @@
-"""Sigma-space (k-diffusion family) samplers: Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M SDE,
-DPM++ 2S a, DPM++ SDE.
+"""Sigma-space (k-diffusion family) samplers: Euler, Euler a, Heun, DPM2, DPM2 a, LMS, DPM++ 2M, DPM++ 2M SDE
+(midpoint or heun), DPM++ 2S a, DPM++ SDE; churn (s_churn & co.) for Euler / Heun / DPM2. ComfyUI's further
+k-diffusion samplers live in comfy.py and reuse the bodies and table helpers here.
 
 Tables follow diffusers' classes (EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, KDPM2Discrete,
 KDPM2AncestralDiscrete, LMSDiscrete, DPMSolverMultistep with dpmsolver++ / sde-dpmsolver++) so results match
 them; DPM++ 2S a and DPM++ SDE follow k-diffusion's sampling.py (no diffusers class without torchsde) over
 EulerDiscrete's tables.
 
-Three scan bodies cover all ten:
+Three scan bodies cover all eleven:
 * `_ve_body`: every single- and two-evaluation VE sampler is, at each model evaluation, a linear map
     x' = ax x + as xs + cd d + cds ds + bD D + cn noise + cns ns
   of the current sample x, the sample / derivative / noise saved at the step's first evaluation (xs, ds, ns),
@@ -87,7 +88,8 @@ class _Rows:
 
     def tables(self) -> dict[str, np.ndarray]:
         self.rows[-1]["inpaint_b"] = 0.0  # after the last evaluation the known region is the clean image
-        return {k: np.array([r[k] for r in self.rows]) for k in self.rows[0]}
+        keys = dict.fromkeys(k for r in self.rows for k in r)  # optional columns (pre_noise) are 0 elsewhere
+        return {k: np.array([r.get(k, 0.0) for r in self.rows]) for k in keys}
 
 
 def _ancestral(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -96,6 +98,27 @@ def _ancestral(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[fl
         return sigma_to, 0.0
     up = min(sigma_to, eta * math.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
     return math.sqrt(max(sigma_to ** 2 - up ** 2, 0.0)), up
+
+
+_CHURN_OPTS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def _churn(options, sigma: float, n_sigmas: int) -> tuple[float, float]:
+    """Karras et al. (2022) Alg. 2 "churn" as k-diffusion's sample_euler / heun / dpm_2 apply it:
+    (sigma_hat, pre-noise coefficient): before the step's first evaluation x += coef * noise, and the step
+    starts from sigma_hat = sigma (1 + gamma)."""
+    s_churn = float(options.get("s_churn", 0.0))
+    s_tmin, s_tmax = float(options.get("s_tmin", 0.0)), float(options.get("s_tmax", math.inf))
+    gamma = min(s_churn / (n_sigmas - 1), 2 ** 0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return sigma, 0.0
+    hat = sigma * (gamma + 1)
+    return hat, float(options.get("s_noise", 1.0)) * math.sqrt(hat * hat - sigma * sigma)
+
+
+def _t_of(sigma: float, t_default: float, sigma_default: float, log_sigmas) -> float:
+    """The model timestep at a churned sigma_hat (k-diffusion's fractional sigma_to_t), else the table's."""
+    return t_default if sigma == sigma_default else float(sigma_to_t(np.array(sigma), log_sigmas))
 
 
 def _table(cfg, steps, schedule, family, final=False):
@@ -114,12 +137,15 @@ def _build_euler(cfg: SchedulerConfig, steps, schedule, start, options, ancestra
     s, ts = tab.sigmas, tab.timesteps
     rows = _Rows(cfg.prediction_type)
     eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    log_sigmas = np.log(train_sigmas(cfg))
     for i in range(start, len(ts)):
         if ancestral:  # Euler a: step to sigma_down, add sigma_up noise (diffusers draws even when up = 0)
             down, up = _ancestral(s[i], s[i + 1], eta)
             rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=down - s[i], cn=up * s_noise)
         else:
-            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+            hat, pre = _churn(options, s[i], len(s) - start)
+            extra = {"pre_noise": pre} if "s_churn" in options else {}
+            rows.add(_t_of(hat, ts[i], s[i], log_sigmas), hat, s[i + 1], ax=1.0, cd=s[i + 1] - hat, **extra)
     return _ve_tables(rows, tab, start)
 
 
@@ -129,12 +155,18 @@ def _build_euler_ancestral(cfg, steps, schedule, start, options):
 
 def _build_heun(cfg, steps, schedule, start, options):
     """Heun (Karras et al. Alg. 2 without churn): 2 evaluations per step, the last step one Euler step."""
+    if cfg.default("clip_sample", False):
+        raise SamplerError("heun: clip_sample=True (from the scheduler config) is not implemented; set "
+                           "clip_sample false in scheduler_config.json (latent models do not clip)")
     tab = _table(cfg, steps, schedule, "euler")
     s, ts = tab.sigmas, tab.timesteps
     rows = _Rows(cfg.prediction_type)
+    log_sigmas = np.log(train_sigmas(cfg))
     for i in range(start, len(ts)):
-        dt = s[i + 1] - s[i]
-        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=dt, save=1.0)
+        hat, pre = _churn(options, s[i], len(s) - start)
+        extra = {"pre_noise": pre} if "s_churn" in options else {}
+        dt = s[i + 1] - hat
+        rows.add(_t_of(hat, ts[i], s[i], log_sigmas), hat, s[i + 1], ax=1.0, cd=dt, save=1.0, **extra)
         if i < len(ts) - 1:  # corrector at the next sigma: x = xs + (ds + d) / 2 * dt
             rows.add(ts[i + 1], s[i + 1], s[i + 1], **{"as": 1.0}, cd=0.5 * dt, cds=0.5 * dt)
     return _ve_tables(rows, tab, start)
@@ -148,14 +180,17 @@ def _build_dpm_2(cfg, steps, schedule, start, options, ancestral=False):
     rows = _Rows(cfg.prediction_type)
     eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
     for i in range(start, len(ts)):
+        hat, pre = (s[i], 0.0) if ancestral else _churn(options, s[i], len(s) - start)
+        extra = {"pre_noise": pre} if "s_churn" in options else {}
+        t_hat = _t_of(hat, ts[i], s[i], log_sigmas)
         if i == len(ts) - 1:  # last step: one Euler step to sigma 0
-            rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=s[i + 1] - s[i])
+            rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=s[i + 1] - hat, **extra)
             continue
         down, up = _ancestral(s[i], s[i + 1], eta) if ancestral else (s[i + 1], 0.0)
-        mid = math.exp(0.5 * (math.log(s[i]) + math.log(down)))
-        rows.add(ts[i], s[i], s[i + 1], ax=1.0, cd=mid - s[i], save=1.0)
+        mid = math.exp(0.5 * (math.log(hat) + math.log(down)))
+        rows.add(t_hat, hat, s[i + 1], ax=1.0, cd=mid - hat, save=1.0, **extra)
         t_mid = float(sigma_to_t(np.array(mid), log_sigmas))
-        rows.add(t_mid, mid, s[i + 1], **{"as": 1.0}, cd=down - s[i], cn=up * s_noise)
+        rows.add(t_mid, mid, s[i + 1], **{"as": 1.0}, cd=down - hat, cn=up * s_noise)
     return _ve_tables(rows, tab, start)
 
 
@@ -247,9 +282,11 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     implemented and is refused rather than silently run at order 2 (it moves the result by ~3e-2).
     """
     name = "dpmpp_2m_sde" if sde else "dpmpp_2m"
-    if cfg.default("solver_type", "midpoint") not in ("midpoint", "bh2", "logrho"):  # diffusers maps bh*/logrho
-        raise SamplerError(f"{name} implements solver_type='midpoint' only (got "
-                           f"{cfg.default('solver_type')!r} from the scheduler config)")
+    solver_type = options.get("solver_type", cfg.default("solver_type", "midpoint"))
+    if solver_type in ("bh1", "bh2", "logrho"):
+        solver_type = "midpoint"  # DPMSolverMultistepScheduler.__init__ maps these to midpoint
+    if solver_type not in ("midpoint", "heun"):
+        raise SamplerError(f"{name}: solver_type={solver_type!r} is not implemented (midpoint or heun)")
     algorithm = cfg.default("algorithm_type", "dpmsolver++")
     if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):  # noise-prediction DPM-Solver: other formulas
         raise SamplerError(f"{name}: algorithm_type={algorithm!r} (from the scheduler config) is not implemented; "
@@ -270,10 +307,15 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
     cols = {k: [] for k in ("t", "ax", "b0", "b1", "cn", "inpaint_a", "inpaint_b")}
     for i in range(start, n):
         first = order == 1 or i == start or (i == n - 1 and (euler_final or (lower_final and n < 15) or final_zero))
+        lam = lambda k: math.log(alpha[k]) - math.log(sig[k])  # noqa: E731
         if sig[i + 1] == 0.0:  # to sigma 0: the limit h -> inf of both formulas is x' = D
             ax, b0, b1, cn = 0.0, 1.0, 0.0, 0.0
+        elif lam(i + 1) - lam(i) <= 0.0:
+            # a zero-length step: final_sigmas_type="sigma_min" after a schedule that already ends at sigma_min
+            # (karras / exponential / beta / normal). diffusers' formulas give x' = x there (its 1/r0 = 1/inf
+            # = 0 drops the history term, the SDE noise is sqrt(1 - e^0) = 0).
+            ax, b0, b1, cn = 1.0, 0.0, 0.0, 0.0
         else:
-            lam = lambda k: math.log(alpha[k]) - math.log(sig[k])  # noqa: E731
             h = lam(i + 1) - lam(i)
             if sde:
                 ax = sig[i + 1] / sig[i] * math.exp(-h)
@@ -282,9 +324,15 @@ def _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=False):
             else:
                 ax, b0, cn = sig[i + 1] / sig[i], -alpha[i + 1] * math.expm1(-h), 0.0
             b1 = 0.0
-            if not first:  # D = D0 + (D0 - D_prev) / (2 r0), r0 = h_prev / h
-                r0 = (lam(i) - lam(i - 1)) / h
-                b0, b1 = b0 * (1.0 + 0.5 / r0), -b0 * 0.5 / r0
+            r0 = (lam(i) - lam(i - 1)) / h if not first else 0.0
+            if r0 > 0.0:  # + c D1, D1 = (D0 - D_prev) / r0, r0 = h_prev / h (after a zero-length step: order 1)
+                if solver_type == "midpoint":
+                    c = 0.5 * b0
+                elif sde:  # heun: diffusers' multistep_dpm_solver_second_order_update (k-diffusion's 2M SDE heun)
+                    c = alpha[i + 1] * (-math.expm1(-2.0 * h) / (-2.0 * h) + 1.0)
+                else:
+                    c = alpha[i + 1] * (math.expm1(-h) / h + 1.0)
+                b0, b1 = b0 + c / r0, -c / r0
         for k, v in zip(("t", "ax", "b0", "b1", "cn"), (ts[i], ax, b0, b1, cn)):
             cols[k].append(v)
         last = i == n - 1
@@ -300,25 +348,46 @@ def _build_dpmpp_2m_sde(cfg, steps, schedule, start, options):
     return _build_dpmpp_2m(cfg, steps, schedule, start, options, sde=True)
 
 
+def _build_dpmpp_2m_sde_heun(cfg, steps, schedule, start, options):
+    """k-diffusion's sample_dpmpp_2m_sde(solver_type="heun") = diffusers' sde-dpmsolver++ with solver_type heun."""
+    return _build_dpmpp_2m(cfg, steps, schedule, start, {**options, "solver_type": "heun"}, sde=True)
+
+
 # -------------------------------------------------------------------------------------- registration
 _NOISE_OPTS = ("eta", "s_noise")
-register("euler", build=_build_euler, body=_ve_body, init=_ve_init,
-         aliases=("Euler", "EulerDiscreteScheduler", "k_euler"))
+_E = "EulerDiscreteScheduler"
+register("euler", build=_build_euler, body=_ve_body, init=_ve_init, diffusers_class=_E, options=_CHURN_OPTS,
+         aliases=("Euler", _E, "k_euler"), invokeai=("euler_k",))
 register("euler_ancestral", build=_build_euler_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a"))
-register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2,
-         aliases=("Heun", "HeunDiscreteScheduler", "k_heun"))
-register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2,
-         aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"))
+         options=_NOISE_OPTS, diffusers_class="EulerAncestralDiscreteScheduler",
+         aliases=("Euler a", "EulerAncestralDiscreteScheduler", "k_euler_a", "k_euler_ancestral"),
+         invokeai=("euler_a",))
+register("heun", build=_build_heun, body=_ve_body, init=_ve_init, order=2, diffusers_class="HeunDiscreteScheduler",
+         options=_CHURN_OPTS,
+         aliases=("Heun", "HeunDiscreteScheduler", "k_heun"), invokeai=("heun_k",))
+register("dpm_2", build=_build_dpm_2, body=_ve_body, init=_ve_init, order=2, diffusers_class="KDPM2DiscreteScheduler",
+         options=_CHURN_OPTS,
+         default_schedule="karras", aliases=("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"),
+         invokeai=("kdpm_2", "kdpm_2_k"))
 register("dpm_2_ancestral", build=_build_dpm_2_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         order=2, options=_NOISE_OPTS, aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"))
-register("lms", build=_build_lms, body=_lms_body, init=_lms_init,
-         aliases=("LMS", "LMSDiscreteScheduler", "k_lms"))
-register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order",),
-         aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"))
+         order=2, options=_NOISE_OPTS, diffusers_class="KDPM2AncestralDiscreteScheduler", default_schedule="karras",
+         aliases=("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"), invokeai=("kdpm_2_a", "kdpm_2_a_k"))
+register("lms", build=_build_lms, body=_lms_body, init=_lms_init, diffusers_class="LMSDiscreteScheduler",
+         aliases=("LMS", "LMSDiscreteScheduler", "k_lms"), invokeai=("lms_k",))
+register("dpmpp_2m", build=_build_dpmpp_2m, body=_dpm_body, init=_dpm_init, options=("solver_order", "solver_type"),
+         diffusers_class="DPMSolverMultistepScheduler", default_schedule="karras",
+         aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "k_dpmpp_2m"), invokeai=("dpmpp_2m_k",))
 register("dpmpp_2m_sde", build=_build_dpmpp_2m_sde, body=_dpm_body, init=_dpm_init, stochastic=True,
-         options=("s_noise", "solver_order"), aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"))
+         options=("s_noise", "solver_order", "solver_type"), diffusers_class="DPMSolverMultistepScheduler",
+         default_schedule="exponential", aliases=("DPM++ 2M SDE", "k_dpmpp_2m_sde"), invokeai=("dpmpp_2m_sde_k",))
+register("dpmpp_2m_sde_heun", build=_build_dpmpp_2m_sde_heun, body=_dpm_body, init=_dpm_init, stochastic=True,
+         options=("s_noise",), diffusers_class="DPMSolverMultistepScheduler", default_schedule="exponential",
+         aliases=("DPM++ 2M SDE Heun", "k_dpmpp_2m_sde_heun"))
+# No diffusers class runs these two here (2S a has none; DPMSolverSDEScheduler needs torchsde): they are
+# k-diffusion's formulas over EulerDiscrete's tables, so Euler's defaults fill a file's missing keys.
 register("dpmpp_2s_ancestral", build=_build_dpmpp_2s_ancestral, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
+         options=_NOISE_OPTS, diffusers_class=_E, default_schedule="karras",
+         aliases=("DPM++ 2S a", "k_dpmpp_2s_a"))
 register("dpmpp_sde", build=_build_dpmpp_sde, body=_ve_body, init=_ve_init, stochastic=True,
-         options=_NOISE_OPTS, aliases=("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"))
+         options=_NOISE_OPTS, diffusers_class=_E, default_schedule="karras",
+         aliases=("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"), invokeai=("dpmpp_sde_k",))

@@ -24,11 +24,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import prediction
 from jaxdiff.errors import SamplerError
 from jaxdiff.samplers.core import Tables, register
 from jaxdiff.schedules import SchedulerConfig, alphas_cumprod, resolve_schedule, sigma_table, spaced_timesteps
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_NO_CLIP = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -45,12 +46,27 @@ class LinearTables:
     p_xc: np.ndarray  # [K]
     p_ring: np.ndarray  # [K, R]
     p_noise: np.ndarray  # [K] 0 where the step draws no noise
+    # clip_sample (DDIM / DDPM / LCM / TCD): x += p_x0 * clip(x0_x x + x0_out out, -clip_r, clip_r)
+    x0_x: np.ndarray  # [K]
+    x0_out: np.ndarray  # [K]
+    p_x0: np.ndarray  # [K] 0 unless the sampler clips its x0 prediction
+    clip_r: np.ndarray  # [K] clip_sample_range (float32 max: no clipping)
 
     @classmethod
     def zeros(cls, num_evals: int, ring: int) -> "LinearTables":
         z = lambda *s: np.zeros(s, np.float64)  # noqa: E731
         return cls(z(num_evals), z(num_evals), z(num_evals), z(num_evals), np.ones(num_evals),
-                   z(num_evals, ring), z(num_evals), z(num_evals, ring), z(num_evals))
+                   z(num_evals, ring), z(num_evals), z(num_evals, ring), z(num_evals), z(num_evals),
+                   z(num_evals), z(num_evals), np.full(num_evals, _NO_CLIP))
+
+    def clip_x0(self, k: int, x0: tuple[float, float], coef: float, clip_range: float | None) -> None:
+        """Evaluation k adds `coef * x0` (x0 = x0[0] x + x0[1] out): through the clip when clip_range is a
+        number (diffusers' clip_sample), else folded into the linear coefficients."""
+        if clip_range is None:
+            self.p_xc[k] += coef * x0[0]
+            self.p_ring[k, 0] += coef * x0[1]
+        else:
+            self.x0_x[k], self.x0_out[k], self.p_x0[k], self.clip_r[k] = x0[0], x0[1], coef, clip_range
 
     def check_finite(self, name: str) -> "LinearTables":
         for f in dataclasses.fields(self):
@@ -67,29 +83,26 @@ class LinearTables:
 def _to_x0(alpha: float, sigma: float, prediction_type: str) -> tuple[float, float]:
     """(a, b) with x0 = a x + b out, at x = alpha x0 + sigma eps."""
     if prediction_type == "epsilon":
-        return 1.0 / alpha, -sigma / alpha
-    if prediction_type == "v_prediction":
-        return alpha, -sigma
-    return 0.0, 1.0
+        if alpha == 0.0:  # diffusers divides by zero here and returns inf / NaN
+            raise SamplerError("zero-SNR schedule (rescale_betas_zero_snr) with prediction_type='epsilon': x0 is "
+                               "undefined at the last timestep (alphas_cumprod = 0); zero-SNR models predict "
+                               "v_prediction -- set it in scheduler_config.json")
+    return prediction.x0_coefficients(prediction_type, alpha, sigma)
 
 
 def _to_eps(alpha: float, sigma: float, prediction_type: str) -> tuple[float, float]:
     """(a, b) with eps = a x + b out."""
-    if prediction_type == "epsilon":
-        return 0.0, 1.0
-    if prediction_type == "v_prediction":
-        return sigma, alpha
-    return 1.0 / sigma, -alpha / sigma
+    return prediction.eps_coefficients(prediction_type, alpha, sigma)
 
 
-def _check_prediction(prediction_type: str, allowed=PREDICTION_TYPES) -> None:
+def _check_prediction(prediction_type: str, allowed=prediction.PREDICTION_TYPES) -> None:
     if prediction_type not in allowed:
         raise SamplerError(f"prediction_type {prediction_type!r} is not supported here; use one of {allowed}")
 
 
 # ---------------------------------------------------------------------------------- one-step samplers
 def ddim_tables(ab: np.ndarray, timesteps: np.ndarray, steps: int, *, prediction_type: str, eta: float = 0.0,
-                final_alpha_cumprod: float) -> LinearTables:
+                final_alpha_cumprod: float, clip_range: float | None = None) -> LinearTables:
     """DDIM (Song et al. 2020, eq. 12 and 16) with diffusers' `prev_t = t - T // steps` (whatever the spacing).
 
     Args:
@@ -97,6 +110,7 @@ def ddim_tables(ab: np.ndarray, timesteps: np.ndarray, steps: int, *, prediction
       timesteps: [K] int the model sees (K = steps, or fewer for img2img).
       steps: num_inference_steps (sets the stride).
       final_alpha_cumprod: 1.0 with set_alpha_to_one, else ab[0].
+      clip_range: clip the x0 prediction to [-r, r] (clip_sample); eps stays the unclipped one, as diffusers.
     """
     _check_prediction(prediction_type)
     tab = LinearTables.zeros(len(timesteps), 1)
@@ -111,14 +125,15 @@ def ddim_tables(ab: np.ndarray, timesteps: np.ndarray, steps: int, *, prediction
         ep = _to_eps(math.sqrt(a_t), math.sqrt(1.0 - a_t), prediction_type)
         direction = math.sqrt(max(1.0 - a_p - std * std, 0.0))
         tab.t[k], tab.m_out[k] = t, 1.0
-        tab.p_xc[k] = math.sqrt(a_p) * x0[0] + direction * ep[0]
-        tab.p_ring[k, 0] = math.sqrt(a_p) * x0[1] + direction * ep[1]
+        tab.p_xc[k] = direction * ep[0]
+        tab.p_ring[k, 0] = direction * ep[1]
+        tab.clip_x0(k, x0, math.sqrt(a_p), clip_range)
         tab.p_noise[k] = std
     return tab.check_finite("ddim")
 
 
 def ddpm_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str,
-                variance_type: str = "fixed_small") -> LinearTables:
+                variance_type: str = "fixed_small", clip_range: float | None = None) -> LinearTables:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7); prev_t is the next entry, 1.0 past the end.
 
     No noise at t = 0, as diffusers draws only for t > 0.
@@ -140,14 +155,14 @@ def ddpm_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str,
         var = max((1.0 - a_p) / (1.0 - a_t) * cur_beta, 1e-20)
         std = math.sqrt(cur_beta) if variance_type == "fixed_large" else math.sqrt(var)
         tab.t[k], tab.m_out[k] = t, 1.0
-        tab.p_xc[k] = c_x0 * x0[0] + c_xt
-        tab.p_ring[k, 0] = c_x0 * x0[1]
+        tab.p_xc[k] = c_xt
+        tab.clip_x0(k, x0, c_x0, clip_range)
         tab.p_noise[k] = std if t > 0 else 0.0
     return tab.check_finite("ddpm")
 
 
 def lcm_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str,
-               timestep_scaling: float = 10.0) -> LinearTables:
+               timestep_scaling: float = 10.0, clip_range: float | None = None) -> LinearTables:
     """LCM multistep consistency sampling (Luo et al. 2023): boundary-condition x0, re-noised except at the end."""
     _check_prediction(prediction_type)
     n = len(timesteps)
@@ -162,14 +177,14 @@ def lcm_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str,
         # denoised = c_out x0 + c_skip x; last step returns denoised, others sqrt(a_p) denoised + noise.
         keep, noise = (1.0, 0.0) if k == n - 1 else (math.sqrt(a_p), math.sqrt(1.0 - a_p))
         tab.t[k], tab.m_out[k] = t, 1.0
-        tab.p_xc[k] = keep * (c_out * x0[0] + c_skip)
-        tab.p_ring[k, 0] = keep * c_out * x0[1]
+        tab.p_xc[k] = keep * c_skip
+        tab.clip_x0(k, x0, keep * c_out, clip_range)
         tab.p_noise[k] = noise
     return tab.check_finite("lcm")
 
 
 def tcd_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str, eta: float = 0.3,
-               final_alpha_cumprod: float) -> LinearTables:
+               final_alpha_cumprod: float, clip_range: float | None = None) -> LinearTables:
     """TCD (Zheng et al. 2024) with gamma = eta: jump to s = floor((1 - eta) t_prev), re-noise to t_prev."""
     _check_prediction(prediction_type)
     if not 0.0 <= eta <= 1.0:
@@ -186,12 +201,11 @@ def tcd_tables(ab: np.ndarray, timesteps: np.ndarray, *, prediction_type: str, e
         x0 = _to_x0(math.sqrt(a_t), math.sqrt(1.0 - a_t), prediction_type)
         ep = _to_eps(math.sqrt(a_t), math.sqrt(1.0 - a_t), prediction_type)
         # pred_noised_sample = sqrt(a_s) x0 + sqrt(1 - a_s) eps
-        pns_x = math.sqrt(a_s) * x0[0] + math.sqrt(1.0 - a_s) * ep[0]
-        pns_o = math.sqrt(a_s) * x0[1] + math.sqrt(1.0 - a_s) * ep[1]
         stochastic = eta > 0 and k != n - 1
         keep = math.sqrt(a_p / a_s) if stochastic else 1.0
         tab.t[k], tab.m_out[k] = t, 1.0
-        tab.p_xc[k], tab.p_ring[k, 0] = keep * pns_x, keep * pns_o
+        tab.p_xc[k], tab.p_ring[k, 0] = keep * math.sqrt(1.0 - a_s) * ep[0], keep * math.sqrt(1.0 - a_s) * ep[1]
+        tab.clip_x0(k, x0, keep * math.sqrt(a_s), clip_range)
         tab.p_noise[k] = math.sqrt(1.0 - a_p / a_s) if stochastic else 0.0
     return tab.check_finite("tcd")
 
@@ -408,14 +422,24 @@ def _linear_body(x, out, hist, tab, noise):
     x_new = x_new + tab["p_xc"] * xc
     for j in range(ring.shape[0]):
         x_new = x_new + p_ring[j] * ring[j]
+    x0 = jnp.clip(tab["x0_x"] * x + tab["x0_out"] * out, -tab["clip_r"], tab["clip_r"])
+    x_new = x_new + tab["p_x0"] * x0  # clip_sample; p_x0 = 0 for every unclipped sampler
     return x_new, (xc, ring)
 
 
 # ------------------------------------------------------------------------------------------ builders
 def _default_only(name: str, schedule: str | None, cfg: SchedulerConfig) -> None:
     if resolve_schedule(cfg, schedule) != "default":
-        raise SamplerError(f"sampler {name!r} uses its own timestep spacing only; schedule={schedule!r} is not "
-                           "available (use schedule=None, or a sigma-space sampler such as euler / dpmpp_2m)")
+        raise SamplerError(f"sampler {name!r} runs on the checkpoint's timestep spacing only (schedule None, "
+                           f"'automatic' or 'default'), not schedule={schedule!r}; for {schedule!r} use euler, "
+                           f"dpmpp_2m, uni_pc_bh2 or another sampler that takes sigma schedules")
+
+
+def _clip_range(cfg: SchedulerConfig) -> float | None:
+    """diffusers' clip_sample / clip_sample_range (DDIM's and DDPM's class default is clip_sample=True)."""
+    if not cfg.default("clip_sample", False):
+        return None
+    return float(cfg.default("clip_sample_range", 1.0))
 
 
 def _final_alpha(cfg: SchedulerConfig, ab: np.ndarray) -> float:
@@ -456,7 +480,7 @@ def _build_ddim(cfg, steps, schedule, start, options):
     ab = alphas_cumprod(cfg)
     ts = _spaced_int(cfg, steps)[start:]
     tab = ddim_tables(ab, ts, steps, prediction_type=cfg.prediction_type, eta=float(options.get("eta", 0.0)),
-                      final_alpha_cumprod=_final_alpha(cfg, ab))
+                      final_alpha_cumprod=_final_alpha(cfg, ab), clip_range=_clip_range(cfg))
     return _vp_tables(tab, 1, *_ab_levels(ab, ts))
 
 
@@ -465,7 +489,8 @@ def _build_ddpm(cfg, steps, schedule, start, options):
     ab = alphas_cumprod(cfg)
     ts = _spaced_int(cfg, steps)
     variance_type = options.get("variance_type", cfg.default("variance_type", "fixed_small"))
-    tab = ddpm_tables(ab, ts, prediction_type=cfg.prediction_type, variance_type=variance_type)
+    tab = ddpm_tables(ab, ts, prediction_type=cfg.prediction_type, variance_type=variance_type,
+                      clip_range=_clip_range(cfg))
     return _vp_tables(_slice(tab, start), 1, *_ab_levels(ab, ts[start:]))
 
 
@@ -542,7 +567,7 @@ def _build_lcm(cfg, steps, schedule, start, options):
     ab = alphas_cumprod(cfg)
     ts = _consistency_timesteps(cfg, steps, int(cfg.default("original_inference_steps", 50)))
     tab = lcm_tables(ab, ts, prediction_type=cfg.prediction_type,
-                     timestep_scaling=float(cfg.default("timestep_scaling", 10.0)))
+                     timestep_scaling=float(cfg.default("timestep_scaling", 10.0)), clip_range=_clip_range(cfg))
     return _vp_tables(_slice(tab, start), 1, *_ab_levels(ab, ts[start:]))
 
 
@@ -551,7 +576,7 @@ def _build_tcd(cfg, steps, schedule, start, options):
     ab = alphas_cumprod(cfg)
     ts = _consistency_timesteps(cfg, steps, int(cfg.default("original_inference_steps", 50)))
     tab = tcd_tables(ab, ts, prediction_type=cfg.prediction_type, eta=float(options.get("eta", 0.3)),
-                     final_alpha_cumprod=_final_alpha(cfg, ab))
+                     final_alpha_cumprod=_final_alpha(cfg, ab), clip_range=_clip_range(cfg))
     return _vp_tables(_slice(tab, start), 1, *_ab_levels(ab, ts[start:]))
 
 
@@ -562,20 +587,22 @@ def _slice(tab: LinearTables, start: int) -> LinearTables:
 
 # -------------------------------------------------------------------------------------- registration
 register("ddpm", build=_build_ddpm, body=_linear_body, init=_make_init(1), stochastic=True,
-         options=("variance_type",), aliases=("DDPM", "DDPMScheduler"))
+         options=("variance_type",), aliases=("DDPM", "DDPMScheduler"), diffusers_class="DDPMScheduler")
 register("ddim", build=_build_ddim, body=_linear_body, init=_make_init(1), stochastic=True, options=("eta",),
-         aliases=("DDIM", "DDIMScheduler"))
+         aliases=("DDIM", "DDIMScheduler"), diffusers_class="DDIMScheduler")
 register("plms", build=_build_plms, body=_linear_body, init=_make_init(5),
-         aliases=("PLMS", "PNDMScheduler", "pndm"))
+         aliases=("PLMS", "PNDMScheduler", "pndm"), diffusers_class="PNDMScheduler")
+_UNIPC_OPTS = ("solver_order", "lower_order_final", "disable_corrector", "final_sigmas_type")
 register("uni_pc", build=functools.partial(_build_uni_pc, solver_type="bh1"), body=_linear_body,
-         init=_make_init(4), options=("solver_order", "lower_order_final", "disable_corrector",
-                                      "final_sigmas_type"), aliases=("UniPC", "UniPC bh1"))
+         init=_make_init(4), options=_UNIPC_OPTS, aliases=("UniPC", "UniPC bh1"),
+         diffusers_class="UniPCMultistepScheduler")
 register("uni_pc_bh2", build=functools.partial(_build_uni_pc, solver_type="bh2"), body=_linear_body,
-         init=_make_init(4), options=("solver_order", "lower_order_final", "disable_corrector",
-                                      "final_sigmas_type"), aliases=("UniPC bh2", "UniPCMultistepScheduler"))
+         init=_make_init(4), options=_UNIPC_OPTS, aliases=("UniPC bh2", "UniPCMultistepScheduler"),
+         diffusers_class="UniPCMultistepScheduler", invokeai=("unipc", "unipc_k"))
 register("deis", build=_build_deis, body=_linear_body, init=_make_init(3),
-         options=("solver_order", "lower_order_final"), aliases=("DEIS", "DEISMultistepScheduler"))
+         options=("solver_order", "lower_order_final"), aliases=("DEIS", "DEISMultistepScheduler"),
+         diffusers_class="DEISMultistepScheduler", invokeai=("deis_k",))
 register("lcm", build=_build_lcm, body=_linear_body, init=_make_init(1), stochastic=True,
-         aliases=("LCM", "LCMScheduler"))
+         aliases=("LCM", "LCMScheduler"), diffusers_class="LCMScheduler")
 register("tcd", build=_build_tcd, body=_linear_body, init=_make_init(1), stochastic=True, options=("eta",),
-         aliases=("TCD", "TCDScheduler"))
+         aliases=("TCD", "TCDScheduler"), diffusers_class="TCDScheduler")
