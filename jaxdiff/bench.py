@@ -305,7 +305,7 @@ def bench_pipeline(pipe, case: Case, mesh, *, warmup: int = 1, repeats: int = 3,
     first = time.perf_counter() - t0
     times, other = _time_calls(call, warmup, repeats, companion)
     sched = SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
-    nfe = make_plan(case.sampler, case.steps, sched, schedule="karras").nfe
+    nfe = make_plan(case.sampler, case.steps, sched).nfe
     return {"compile_s": cold, "compile_cached_s": cached, "compile_cold_hit": cold_hit,
             "compile_cached_hit": cached_hit, "first_call_s": first, "times_s": times,
             "companion_times_s": other, "flops_xla_program": _flops(compiled, mesh.size), "nfe": nfe,

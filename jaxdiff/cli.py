@@ -123,8 +123,10 @@ def register_generate(sub) -> None:
     p.add_argument("--sampler", metavar="NAME", default="dpmpp_2m",
                    help="any name or alias: dpmpp_2m, 'DPM++ 2M Karras', 'Euler a', EulerDiscreteScheduler, ...")
     p.add_argument("--schedule", metavar="NAME",
-                   help="karras (default, unless the sampler name implies one), normal, exponential, "
-                        "sgm_uniform, ays, ..., or automatic (the model scheduler's own)")
+                   help="karras, normal, exponential, sgm_uniform, ays, ...; default: the sampler's own "
+                        "(A1111's Automatic: see --list-samplers)")
+    p.add_argument("--list-samplers", action="store_true",
+                   help="print every sampler with its aliases, options and default schedule, then exit")
     p.add_argument("--guidance", metavar="G", type=_float_in(0.0, 100.0), default=7.5,
                    help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--guidance-rescale", metavar="R", type=_float_in(0.0, 1.0), default=0.0,
@@ -197,15 +199,19 @@ def _check_inputs(args) -> Path:
 
 
 def _generate(args) -> None:
+    if args.list_samplers:
+        from jaxdiff.samplers import sampler_table
+        print(sampler_table())
+        return
     texts = _prompts(args)
     model_path = _check_inputs(args)
     per_prompt = args.images_per_prompt or args.batch
     # Heavy imports only now that the command line is known to be good.
     from jaxdiff import images
     from jaxdiff.samplers import resolve
-    sampler, schedule = resolve(args.sampler, args.schedule)  # "automatic" resolves to None
-    if args.schedule is None and schedule is None:
-        schedule = "karras"  # the library's default; a name like "DPM++ 2M Exponential" implies its own
+    # "automatic" and no --schedule resolve to None: the sampler's own default (the library's rule);
+    # a name like "DPM++ 2M Exponential" implies its own.
+    sampler, schedule = resolve(args.sampler, args.schedule)
     size = (args.height, args.width) if args.height is not None else None
     init = mask = None
     if args.init_image is not None:

@@ -83,9 +83,10 @@ class ModelFamily:
         return self.name + ("-inpaint" if self.inpaint else "")
 
     @property
-    def ays_table(self) -> str:
-        """Which published "Align Your Steps" table fits: SD1 / SD2 share one, SDXL has its own."""
-        return "sdxl" if self.is_sdxl else "sd1"
+    def sampler_family(self) -> str:
+        """What the samplers call this model ("sd1" | "sd2" | "sdxl"): it picks the "Align Your Steps"
+        table (SD1 and SD2 share one, SDXL and its refiner have their own)."""
+        return "sdxl" if self.is_sdxl else "sd2" if self.name.startswith("sd2") else "sd1"
 
     @property
     def zero_negative_default(self) -> bool:

@@ -77,6 +77,7 @@ class Pipeline:
         self._programs = programs if programs is not None else generation.Programs(generation.models_of(self))
         self._mesh = None
         self._ti_tables = None  # (TextualInversions, its tables): rebuilt when the terms change
+        self._lora = None       # jaxdiff.adapters.AdapterSet over the weights the first LoRA was loaded on
 
     @classmethod
     def from_parts(cls, networks: Mapping[str, Component], tokenizers: Mapping[str, Any],
@@ -140,6 +141,58 @@ class Pipeline:
         embedding = embedding_files.read_embedding(path, token=token)
         self.embeddings = self.embeddings.add(embedding)
         return embedding.name
+
+    # ------------------------------------------------------------------- LoRA (diffusers' method names)
+    def load_lora_weights(self, path, *, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Loads a LoRA / LoCon / LoHa / LoKr file (PEFT / diffusers, kohya / A1111 with diffusers or SGM
+        names; .safetensors or pickled .pt / .bin through the allow-list unpickler) and activates it at
+        `scale` with the adapters already active. The merged weights are new params: nothing is
+        recompiled. Returns the adapter's name (default `default_<n>`, as diffusers). A file that does
+        not fit raises a one-line JaxdiffError and leaves the pipeline unchanged."""
+        from jaxdiff.adapters import AdapterSet
+        lora = self._lora if self._lora is not None else AdapterSet(self.params)
+        name = lora.load(path, adapter_name=adapter_name, scale=scale)
+        self._lora = lora
+        self._use(lora.params)
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Activates exactly these adapters with these weights (one for all, one each, or per component
+        {"unet": w, "text_encoder": w}); the others stay loaded, inactive."""
+        self._loras().set_adapters(adapter_names, adapter_weights)
+        self._use(self._lora.params)
+
+    def delete_adapters(self, adapter_names) -> None:
+        self._loras().delete(adapter_names)
+        self._use(self._lora.params)
+
+    def unload_lora_weights(self) -> None:
+        """Drops every adapter: the weights are the base weights again, the same arrays bit for bit."""
+        if self._lora is not None:
+            self._lora.unload()
+            self._use(self._lora.params)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names=None) -> None:
+        """Makes the active (or named) adapters part of the base weights (`unload_lora_weights` then
+        keeps them; `unfuse_lora` restores the weights from before)."""
+        self._loras().fuse(lora_scale, adapter_names)
+        self._use(self._lora.params)
+
+    def unfuse_lora(self) -> None:
+        self._loras().unfuse()
+        self._use(self._lora.params)
+
+    def _loras(self):
+        if self._lora is None:
+            raise JaxdiffError("no LoRA is loaded; call load_lora_weights first")
+        return self._lora
+
+    def _use(self, params: Mapping[str, Any]) -> None:
+        """Points the components at `params` (same shapes: the compiled programs stay)."""
+        for name, tree in params.items():
+            comp = getattr(self, name)
+            if comp.params is not tree:
+                setattr(self, name, comp.with_params(tree))
 
     def program_params(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What the compiled program takes as params: the components' (or `params` over them, checked)
@@ -218,8 +271,10 @@ class Pipeline:
             tokens with a warning). Textual-inversion terms (`load_textual_inversion`) work in both.
           height, width: image size, multiples of 8 (default: the init image's size, else the UNet's
             sample_size times the VAE factor).
-          steps, sampler, schedule, sampler_options: see jaxdiff.samplers.make_plan; schedule=None is the
-            checkpoint scheduler's own.
+          steps, sampler, schedule, sampler_options: see jaxdiff.samplers.make_plan (defaults: 25 steps,
+            "dpmpp_2m", schedule None = the sampler's own default: the checkpoint's scheduler config for
+            the timestep samplers and Euler / Heun / LMS, A1111's "Automatic" choice for the rest, e.g.
+            karras for DPM++ 2M; `jaxdiff.samplers.sampler_table()` lists them).
           guidance_scale: classifier-free guidance; <= 1 runs the UNet on the prompt alone.
           guidance_rescale: Lin et al. 2023's CFG rescale in [0, 1] (for zero-terminal-SNR models).
           clip_skip: final text-encoder layers to skip (diffusers' clip_skip; 1 = A1111's "clip skip 2").

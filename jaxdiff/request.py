@@ -35,7 +35,7 @@ class Request:
 def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
           prompt_2: str | Sequence[str] | None = None, negative_prompt_2: str | Sequence[str] | None = None,
           prompt_weighting: str = "a1111", height: int | None = None, width: int | None = None, steps: int = 25,
-          sampler: str = "dpmpp_2m", schedule: str | None = "karras", guidance_scale: float = 7.5,
+          sampler: str = "dpmpp_2m", schedule: str | None = None, guidance_scale: float = 7.5,
           guidance_rescale: float = 0.0, clip_skip: int | None = None, seed: int = 0,
           num_images_per_prompt: int = 1, latents=None, image=None, strength: float | None = None,
           mask=None, indices: Sequence[int] | None = None,
@@ -91,7 +91,8 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     from jaxdiff.samplers import make_plan
     from jaxdiff.schedules import SchedulerConfig
     sched = SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
-    plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength, **dict(sampler_options or {}))
+    plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength,
+                     model_family=family.sampler_family, **dict(sampler_options or {}))
 
     guided = float(guidance_scale) > 1.0
     if not 0.0 <= float(guidance_rescale) <= 1.0:

@@ -250,7 +250,7 @@ def test_generate_writes_pngs_with_a1111_parameters(first_run):
             pixels.append(np.asarray(im))
             prompt = "a red panda" if i < 2 else "a cat, sitting"
             assert im.text["parameters"] == (
-                f"{prompt}\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, Schedule type: Karras, "
+                f"{prompt}\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, "
                 f"CFG scale: 5, Seed: 7, Size: 32x32, Model: sd1, Seed index: {i}")
     # Each image has its own noise stream (seed 7, index i): no two are the same.
     assert all(not np.array_equal(pixels[i], pixels[j]) for i in range(4) for j in range(i))
@@ -405,7 +405,7 @@ def test_embedding_matches_the_library(tiny, tmp_path):
     assert f"TI hashes: \"shiny: {hashlib.sha256(file.read_bytes()).hexdigest()[:12]}\"" in text
     assert text.startswith(prompt + "\n")
     pipe = jaxdiff.load(model)
-    kw = dict(height=32, width=32, steps=2, sampler="euler_ancestral", schedule="karras", guidance_scale=5.0,
+    kw = dict(height=32, width=32, steps=2, sampler="euler_ancestral", schedule=None, guidance_scale=5.0,
               seed=7, mesh=sharding.make_mesh(jax.devices()[:1]))
     plain = pipe(prompt, "blurry", **kw).images[0]  # "shiny" as an ordinary word
     assert pipe.load_textual_inversion(file) == "shiny"
