@@ -116,6 +116,10 @@ def register_generate(sub) -> None:
                    help="a textual-inversion file, used in prompts by its file stem (repeatable)")
     p.add_argument("--embeddings-dir", metavar="DIR",
                    help="every textual-inversion file in DIR, each used by its file stem (A1111)")
+    p.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append", default=[],
+                   help="a LoRA / LyCORIS file at WEIGHT (default 1), repeatable")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="where <lora:NAME:WEIGHT> prompt tags find NAME.safetensors (A1111's Lora folder)")
     p.add_argument("--height", metavar="H", type=_multiple_of_8,
                    help="pixels, a multiple of 8 (default: the init image's size, else the model's)")
     p.add_argument("--width", metavar="W", type=_multiple_of_8, help="pixels, a multiple of 8")
@@ -231,13 +235,14 @@ def _generate(args) -> None:
     pipe = _load(model_path, args.dtype, **_vae_kwargs(args))
     _check_clip_skip(pipe, args.clip_skip)
     _load_embeddings(pipe, args)
+    texts_for_model, lora_hashes = _load_loras(pipe, args, texts)
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
     total = len(texts) * per_prompt
     bar = _ProgressBar(total, args.batch or total, quiet=args.quiet)
     batches = pipe.generate_batches(
-        texts, num_images_per_prompt=per_prompt, batch_size=args.batch, negative_prompt=args.negative,
+        texts_for_model, num_images_per_prompt=per_prompt, batch_size=args.batch, negative_prompt=args.negative,
         prompt_2=args.prompt_2, negative_prompt_2=args.negative_2, prompt_weighting=args.prompt_weighting,
         height=None if init is not None or size is None else size[0],
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
@@ -246,6 +251,7 @@ def _generate(args) -> None:
         gather=args.gather, progress=None if args.quiet else bar.on_step)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
              "CFG rescale": args.guidance_rescale or None, "TI hashes": pipe.embeddings.hashes() or None,
+             "Lora hashes": lora_hashes or None,
              "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting}
     written = []
     try:
@@ -263,6 +269,37 @@ def _generate(args) -> None:
         bar.close()
     if written:
         print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _load_loras(pipe, args, texts: list[str]) -> tuple[list[str], str]:
+    """--lora files and <lora:NAME:W> prompt tags (found in --lora-dir) loaded into `pipe`. Returns the
+    prompts without their tags (the PNGs keep them, as A1111) and A1111's "Lora hashes" value."""
+    from jaxdiff.adapters import tags as lora_tags
+    stripped, found = zip(*(lora_tags.extract_tags(t) for t in texts))
+    if any(f != found[0] for f in found):
+        raise UsageError("the prompts name different <lora:...> tags; one run applies one set of LoRAs to "
+                         "every image: run them separately")
+    wanted = []
+    for spec in args.lora:
+        path, weight = spec, 1.0
+        head, _, tail = spec.rpartition(":")
+        if head and not Path(spec).exists():
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+        wanted.append((Path(path), Path(path).stem, weight))
+    if found[0] and args.lora_dir is None:
+        raise UsageError("the prompt has <lora:...> tags: pass --lora-dir DIR (the folder holding them)")
+    for tag in found[0]:
+        wanted.append((lora_tags.find_lora(args.lora_dir, tag.name), tag.name, tag.weight))
+    names = []
+    for path, name, weight in wanted:
+        if not path.is_file():
+            raise UsageError(f"--lora {path}: no such file")
+        names.append(pipe.load_lora_weights(path, adapter_name=f"{name}_{len(names)}", scale=weight))
+    hashes = ", ".join(f"{name}: {lora_tags.short_hash(path)}" for path, name, _ in wanted)
+    return list(stripped), hashes
 
 
 def _load_embeddings(pipe, args) -> None:

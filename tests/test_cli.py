@@ -414,3 +414,47 @@ def test_embedding_matches_the_library(tiny, tmp_path):
     # reduced optimisation on 8 virtual devices (other float32 summation orders); same image to 1/255.
     assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
     assert np.abs(plain.astype(np.int16) - want.astype(np.int16)).max() > 1  # the embedding did something
+
+
+def test_lora_flag_and_prompt_tag(tiny, tmp_path):
+    """--lora FILE:W and a <lora:NAME:W> prompt tag found in --lora-dir: the tag leaves the text the
+    model sees, stays in the PNG's prompt (as A1111), and "Lora hashes" names both files; the image
+    equals the library's with the same LoRAs."""
+    import jax
+    from safetensors.numpy import save_file
+
+    import jaxdiff
+    from jaxdiff import sharding
+    from jaxdiff.adapters import tags
+    model, env = tiny
+    rng = np.random.default_rng(0)
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    (tmp_path / "loras").mkdir()
+    a = tmp_path / "a.safetensors"
+    b = tmp_path / "loras" / "detail.safetensors"
+    save_file({f"{q}.lora_A.weight": rng.standard_normal((2, 32)).astype(np.float32),
+               f"{q}.lora_B.weight": rng.standard_normal((32, 2)).astype(np.float32)}, str(a))
+    save_file({f"{k}.lora_A.weight": rng.standard_normal((2, 32)).astype(np.float32),
+               f"{k}.lora_B.weight": rng.standard_normal((32, 2)).astype(np.float32)}, str(b))
+    prompt = "a red panda <lora:detail:0.5>"
+    out = tmp_path / "out"
+    proc = run_cli("generate", prompt, "--model", model, "--out", out, "--lora", f"{a}:0.8",
+                   "--lora-dir", tmp_path / "loras", *GEN, env=env)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "00000-7.png") as im:
+        got, text = np.asarray(im), im.text["parameters"]
+    assert text.startswith(prompt + "\n")
+    assert f'Lora hashes: "a: {tags.short_hash(a)}, detail: {tags.short_hash(b)}"' in text
+    pipe = jaxdiff.load(model)
+    kw = dict(height=32, width=32, steps=2, sampler="euler_ancestral", guidance_scale=5.0, seed=7,
+              mesh=sharding.make_mesh(jax.devices()[:1]))
+    plain = pipe("a red panda ", "blurry", **kw).images[0]
+    pipe.load_lora_weights(a, scale=0.8)
+    pipe.load_lora_weights(b, scale=0.5)
+    want = pipe("a red panda ", "blurry", **kw).images[0]
+    assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1  # float32 order, see above
+    assert np.abs(plain.astype(np.int16) - want.astype(np.int16)).max() > 1
+    bad = run_cli("generate", "x <lora:missing:1>", "--model", model, "--out", out, "--lora-dir",
+                  tmp_path / "loras", *GEN, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "missing" in bad.stderr
