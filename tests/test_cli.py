@@ -158,7 +158,8 @@ class _FakePipeline:
     def __init__(self):
         self.kwargs = None
         self.text_encoder, self.text_encoder_2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)), None
-        self.unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type=None))
+        self.family = SimpleNamespace(text_time=False)
+        self.embeddings = SimpleNamespace(hashes=lambda: "")  # no textual-inversion terms loaded
 
     def generate_batches(self, prompt, **kwargs):
         from jaxdiff.pipeline import GenerationOutput
