@@ -3,7 +3,7 @@
     python benchmarks/compare_torch.py --model sd15 --what unet --batch 2 --size 512 --repeats 3 \
         --json benchmarks/results/cpu-2core-sd15.json
 
-Same flags as `jaxdiff bench` (jaxdiff/bench.py, which measures the JAX side here too). For a preset the
+Same flags as `jaxdiff bench` (jaxdiff/bench/, which measures the JAX side here too). For a preset the
 PyTorch models are built first by diffusers / transformers from the preset's config with their own random
 init; their state dicts are converted to jaxdiff params with convert/diffusers_layout.py, so both sides
 run the very same weights. For a model folder both sides read its files. PyTorch runs in the same dtype
@@ -134,7 +134,7 @@ def torch_pipeline(nets: dict, model: str, sampler: str):
     from transformers import CLIPTokenizer
     if sampler not in ("euler", "Euler"):
         raise SystemExit(f"compare_torch.py: the PyTorch pipeline runs 'euler' only, got --sampler {sampler}")
-    vocab = Path(bench.__file__).resolve().parent / "assets" / "clip_tokenizer"
+    from jaxdiff.tokenizer import BUNDLED_DIR as vocab
     tok = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading", use_karras_sigmas=True)
@@ -202,7 +202,7 @@ def compare(args, log=lambda msg: None) -> dict:
                     break
             first_call_s = compile_calls_s[0]
             log(f"  torch.compile calls before timing: {', '.join(f'{t:.2f}' for t in compile_calls_s)} s")
-        # Both sides alternate call by call (warm-up and timed calls): see bench._time_calls.
+        # Both sides alternate call by call (warm-up and timed calls): see bench.time_calls.
         one = bench.run(args.model, [case], dtype=args.dtype, attention=args.attention, devices=args.devices,
                         fsdp=args.fsdp, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                         compile_cache=args.compile_cache, cached_compile=args.cached_compile, pipe=pipe,
@@ -240,7 +240,7 @@ HEAD = ("what", "model", "batch", "size", "dtype", "jaxdiff s", "torch s", "spee
 def row(r: dict) -> tuple[str, ...]:
     return (r["what"], r["model"], str(r["batch"]), f"{r['height']}x{r['width']}", r["dtype"],
             f"{r['steady_s']:.3f}", f"{r['torch']['steady_s']:.3f}", f"{r['ratio']['speedup']:.2f}x",
-            f"{r['ratio']['speedup_pairs_median']:.2f}x", f"{r['compile_s']:.1f} ({bench._fmt(r['compile_cached_s'], '.1f')})",
+            f"{r['ratio']['speedup_pairs_median']:.2f}x", f"{r['compile_s']:.1f} ({bench.fmt(r['compile_cached_s'], '.1f')})",
             f"{r['load_avg_1min']['before']:.1f}")
 
 

@@ -108,7 +108,7 @@ def build_call(preset: str, batch: int, size: int, dtype: str, attention: str):
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff import bench, components
+    from jaxdiff import components
     from jaxdiff.models import presets
     cfg = presets.preset_configs(preset)["unet"]
     vcfg = presets.preset_configs(preset)["vae"]

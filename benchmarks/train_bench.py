@@ -91,7 +91,7 @@ def build(args):
     import jax
     import jax.numpy as jnp
 
-    from jaxdiff import bench, components, schedules, sharding
+    from jaxdiff import components, schedules, sharding
     from jaxdiff.models import presets
     from jaxdiff.training.optim import OptimConfig
     from jaxdiff.training.trainer import Models, TrainConfig, Trainer

@@ -82,10 +82,10 @@ def test_compare_torch_on_tiny_reports_the_ratio(tmp_path):
 
 def test_timed_calls_alternate_with_the_companion():
     order = []
-    times, other = bench._time_calls(lambda: order.append("jax"), 1, 3, lambda: order.append("torch"))
+    times, other = bench.time_calls(lambda: order.append("jax"), 1, 3, lambda: order.append("torch"))
     assert order == ["jax", "torch"] * 4  # one warm-up pair, then three timed pairs
     assert len(times) == len(other) == 3
-    times, other = bench._time_calls(lambda: order.append("alone"), 0, 2)
+    times, other = bench.time_calls(lambda: order.append("alone"), 0, 2)
     assert len(times) == 2 and other is None
 
 
