@@ -202,29 +202,34 @@ def decode(m: Models, spec: Spec, params: Mapping[str, Any], x0: jax.Array) -> d
     return out
 
 
-def _prepare_and_start(m: Models, spec: Spec, params, inputs: Inputs, plan: Plan, key) -> tuple[Prepared, tuple]:
-    """`prepare`, and the sampler's carry before evaluation 0."""
-    prep = prepare(m, spec, params, inputs, plan, key)
+def _prepare_and_start(m: Models, spec: Spec, params, inputs: Inputs, plan: Plan, seed) -> tuple[Prepared, tuple]:
+    """`prepare`, and the sampler's carry before evaluation 0 (a jitted entry: takes the seed)."""
+    prep = prepare(m, spec, params, inputs, plan, rng.root_key(seed))
     return prep, sampler_state(plan, prep.x_T)
 
 
+def _denoise_steps(m: Models, spec: Spec, params, prep: Prepared, carry, plan: Plan, seed, guidance, ks):
+    """`denoise` as a jitted entry: takes the seed."""
+    return denoise(m, spec, params, prep, carry, plan, rng.root_key(seed), guidance, ks)
+
+
 def program(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, plan: Plan,
-            key: jax.Array, guidance: jax.Array) -> dict[str, jax.Array]:
+            seed: jax.Array, guidance: jax.Array) -> dict[str, jax.Array]:
     """The whole request for one batch; pure, traced once per (Spec, shapes, plan kind / length).
 
     Args:
       params: component name -> params.
       inputs: the request's rows (see `Inputs`).
       plan: sampler tables (replicated).
-      key: the request's root key.
+      seed: uint32 [], the request's seed (the root key is made inside: jaxdiff.rng).
       guidance: float32 [2] (guidance_scale, guidance_rescale).
 
     Returns:
       {"images": uint8 [B, H, W, 3], "latents": float32 [B, h, w, C], "pixels": float32 [B, H, W, 3] in
       [0, 1] when spec.return_float}.
     """
-    prep, carry = _prepare_and_start(m, spec, params, inputs, plan, key)
-    x0, _ = denoise(m, spec, params, prep, carry, plan, key, guidance, None)
+    prep, carry = _prepare_and_start(m, spec, params, inputs, plan, seed)
+    x0, _ = denoise(m, spec, params, prep, carry, plan, rng.root_key(seed), guidance, None)
     return decode(m, spec, params, x0)
 
 
@@ -243,7 +248,7 @@ class Runner:
         # end without a host callback inside a program: JAX does not write programs holding callbacks to
         # its persistent compilation cache, so a progress bar that used one recompiled on every run.
         self._prepare = jax.jit(functools.partial(_prepare_and_start, models), static_argnums=0)
-        self._denoise = jax.jit(functools.partial(denoise, models), static_argnums=0)
+        self._denoise = jax.jit(functools.partial(_denoise_steps, models), static_argnums=0)
         self._decode = jax.jit(functools.partial(decode, models), static_argnums=0,
                                out_shardings=sharding.batch_sharding(mesh, 1))
 
@@ -261,21 +266,21 @@ class Runner:
             out[name] = hit
         return out
 
-    def arguments(self, params, inputs: Inputs, plan: Plan, key, guidance) -> tuple[tuple, int]:
+    def arguments(self, params, inputs: Inputs, plan: Plan, seed, guidance) -> tuple[tuple, int]:
         """(the one program's arguments after `spec`, placed on the mesh; the real row count)."""
         padded, n = sharding.pad_batch(inputs, self.mesh.size)
         placed = sharding.to_global(padded, sharding.batch_sharding(self.mesh, 1))
-        rep = sharding.to_global((plan, np.asarray(key), np.asarray(guidance, np.float32)),
+        rep = sharding.to_global((plan, np.asarray(seed, np.uint32), np.asarray(guidance, np.float32)),
                                  sharding.replicated(self.mesh))
         return (self.place(params), placed, *rep), n
 
-    def lower(self, spec: Spec, params, inputs: Inputs, plan: Plan, key, guidance) -> jax.stages.Lowered:
+    def lower(self, spec: Spec, params, inputs: Inputs, plan: Plan, seed, guidance) -> jax.stages.Lowered:
         """The one-program path lowered for these arguments (JAX AOT): `.compile()` it to time the
         compile, read XLA's cost and memory analysis, or call the executable directly."""
-        args, _ = self.arguments(params, inputs, plan, key, guidance)
+        args, _ = self.arguments(params, inputs, plan, seed, guidance)
         return self._program.lower(spec, *args)
 
-    def __call__(self, spec: Spec, params, inputs: Inputs, plan: Plan, key, guidance,
+    def __call__(self, spec: Spec, params, inputs: Inputs, plan: Plan, seed, guidance,
                  on_step: Callable[[int], None] | None = None) -> tuple[dict, int]:
         """Pads the batch to the device count, places everything, runs. Returns (global outputs, n_real).
 
@@ -283,13 +288,13 @@ class Runner:
         prepare / K single evaluations / decode (same numbers per evaluation, one host sync per step);
         without it, as one program.
         """
-        (params_p, placed, plan_r, key_r, guidance_r), n = self.arguments(params, inputs, plan, key, guidance)
+        (params_p, placed, plan_r, seed_r, guidance_r), n = self.arguments(params, inputs, plan, seed, guidance)
         if on_step is None:
-            return self._program(spec, params_p, placed, plan_r, key_r, guidance_r), n
-        prep, carry = self._prepare(spec, params_p, placed, plan_r, key_r)
+            return self._program(spec, params_p, placed, plan_r, seed_r, guidance_r), n
+        prep, carry = self._prepare(spec, params_p, placed, plan_r, seed_r)
         for k in range(plan.nfe):
             ks = sharding.to_global(np.array([k], np.int32), sharding.replicated(self.mesh))
-            carry = jax.block_until_ready(self._denoise(spec, params_p, prep, carry, plan_r, key_r,
+            carry = jax.block_until_ready(self._denoise(spec, params_p, prep, carry, plan_r, seed_r,
                                                         guidance_r, ks))
             on_step(k)
         return self._decode(spec, params_p, carry[0]), n

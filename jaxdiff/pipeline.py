@@ -307,7 +307,7 @@ class Pipeline:
             raise JaxdiffError(f"gather={gather!r}; expected one of {', '.join(GATHER)}")
         req = requests.build(self, prompt, negative_prompt, **options)
         on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
-        out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.key,
+        out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.seed,
                                    req.guidance, on_step=on_step)
         return _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
 
@@ -317,7 +317,7 @@ class Pipeline:
         to time compilation or read XLA's cost and memory analysis (jaxdiff.bench does)."""
         req = requests.build(self, prompt, negative_prompt, **options)
         return self.runner(mesh).lower(req.spec, self.program_params(params), req.inputs, req.plan,
-                                       req.key, req.guidance)
+                                       req.seed, req.guidance)
 
     def generate_batches(self, prompt: str | Sequence[str], *, num_images_per_prompt: int = 1,
                          batch_size: int | None = None, negative_prompt: str | Sequence[str] | None = None,

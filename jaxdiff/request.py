@@ -2,7 +2,7 @@
 
 Everything a user can get wrong is checked here, once, with a one-line JaxdiffError; what comes out is
 the program's static `Spec`, its per-image `Inputs` (numpy, batch-first), the sampler plan, the
-request key and the guidance scalars. jaxdiff.generation runs it.
+request seed and the guidance scalars. jaxdiff.generation runs it.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Request:
     spec: Spec
     inputs: Inputs
     plan: Plan
-    key: Any                     # the root PRNG key (jaxdiff.rng.request_key)
+    seed: np.ndarray             # uint32 []: the program makes the root key from it (jaxdiff.rng)
     guidance: np.ndarray         # float32 [2]: guidance_scale, guidance_rescale
 
     @property
@@ -128,7 +128,7 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
                 return_float=return_float, latent_size=(h, w))
-    return Request(spec=spec, inputs=inputs, plan=plan, key=rng.request_key(seed),
+    return Request(spec=spec, inputs=inputs, plan=plan, seed=rng.check_seed(seed),
                    guidance=np.array([guidance_scale, guidance_rescale], np.float32))
 
 

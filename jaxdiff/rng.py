@@ -25,11 +25,22 @@ from jaxdiff.errors import JaxdiffError
 START_NOISE, STEP_NOISE, IMAGE_POSTERIOR, MASKED_POSTERIOR = 0, 1, 2, 3
 
 
-def request_key(seed: int) -> jax.Array:
-    """The root PRNG key of a request."""
+def check_seed(seed: int) -> np.ndarray:
+    """A request seed as the uint32 host scalar programs take (they make the root key inside, so a
+    request needs no eager device work and no implicit transfer)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise JaxdiffError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return jax.random.PRNGKey(int(seed))
+    return np.asarray(seed, np.uint32)
+
+
+def root_key(seed) -> jax.Array:
+    """The root PRNG key of a request: PRNGKey(seed), from a Python int or a traced uint32 alike."""
+    return jax.random.PRNGKey(seed)
+
+
+def request_key(seed: int) -> jax.Array:
+    """The root PRNG key of a request, on the host side (tests, `request_noise`)."""
+    return root_key(int(check_seed(seed)))
 
 
 def stream(key: jax.Array, tag: int) -> jax.Array:

@@ -214,7 +214,10 @@ def to_global(tree: Any, shardings: Any) -> Any:
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree.map(place, tree, _per_leaf(shardings, tree))
+    # The one place host data becomes device data on purpose: allowed even under a "disallow" transfer
+    # guard (the test suite runs generation under one to catch implicit transfers elsewhere).
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.tree.map(place, tree, _per_leaf(shardings, tree))
 
 
 def to_global_from_local(local_rows: Any, mesh: Mesh) -> Any:

@@ -94,7 +94,7 @@ def test_lower_is_the_program_a_call_runs(tiny_pipeline, mesh1):
     from jaxdiff import request
     req = request.build(pipe, ["a cat"], **KW)
     runner = pipe.runner(mesh1)
-    args, _ = runner.arguments(pipe.params, req.inputs, req.plan, req.key, req.guidance)
+    args, _ = runner.arguments(pipe.params, req.inputs, req.plan, req.seed, req.guidance)
     got = compiled(*args)
     np.testing.assert_array_equal(np.asarray(got["images"])[:1], pipe(["a cat"], mesh=mesh1, **KW).images)
 
@@ -108,3 +108,19 @@ def test_request_errors_are_one_line(tiny_pipeline):
         with pytest.raises(JaxdiffError, match=match) as e:
             request.build(pipe, "a cat", **{**KW, **kwargs})
         assert "\n" not in str(e.value)
+
+
+def test_generation_makes_no_implicit_transfers(tiny_pipeline, mesh1):
+    """A whole request (txt2img and img2img, one program or stepped with progress) under JAX's
+    "disallow" transfer guard: host data reaches the devices only through jaxdiff.sharding.to_global,
+    the one explicit allow, and results come back through the explicit gather."""
+    _, pipe, _ = tiny_pipeline("sd1")
+    image = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    want = [pipe(["a cat"], mesh=mesh1, **KW), pipe(["a cat"], mesh=mesh1, image=image, **KW)]
+    steps = []
+    with jax.transfer_guard("disallow"):
+        got = [pipe(["a cat"], mesh=mesh1, **KW), pipe(["a cat"], mesh=mesh1, image=image, **KW),
+               pipe(["a cat"], mesh=mesh1, progress=lambda done, total: steps.append(done), **KW)]
+    for g, w in zip(got, want + want[:1]):
+        np.testing.assert_array_equal(g.images, w.images)
+    assert steps == [1, 2]

@@ -322,9 +322,11 @@ def make_plan(sampler: str, steps: int, config: SchedulerConfig | None = None, *
     config = config or SchedulerConfig()
     name, built = build_tables(sampler, steps, config, schedule=schedule, strength=strength,
                                model_family=model_family, **options)
-    tables = {k: jnp.asarray(np.asarray(v, dtype=np.float64), dtype=jnp.float32) for k, v in built.tables.items()}
-    return Plan(tables=tables, init_noise_sigma=jnp.asarray(built.init_noise_sigma, jnp.float32),
-                img2img=jnp.asarray(built.img2img, jnp.float32), kind=name,
+    # Host (numpy float32) arrays: the caller places them with the rest of a request's arguments (an
+    # eager jnp.asarray here would be an implicit transfer to the default device, and a second copy).
+    tables = {k: np.asarray(np.asarray(v, dtype=np.float64), dtype=np.float32) for k, v in built.tables.items()}
+    return Plan(tables=tables, init_noise_sigma=np.asarray(built.init_noise_sigma, np.float32),
+                img2img=np.asarray(built.img2img, np.float32), kind=name,
                 prediction_type=config.prediction_type)
 
 
