@@ -250,7 +250,7 @@ def _generate(args) -> None:
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
         gather=args.gather, progress=None if args.quiet else bar.on_step)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
-             "CFG rescale": args.guidance_rescale or None, "TI hashes": pipe.embeddings.hashes() or None,
+             "CFG rescale": args.guidance_rescale or None, "TI hashes": _ti_hashes(pipe, args),
              "Lora hashes": lora_hashes or None,
              "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting}
     written = []
@@ -300,6 +300,13 @@ def _load_loras(pipe, args, texts: list[str]) -> tuple[list[str], str]:
         names.append(pipe.load_lora_weights(path, adapter_name=f"{name}_{len(names)}", scale=weight))
     hashes = ", ".join(f"{name}: {lora_tags.short_hash(path)}" for path, name, _ in wanted)
     return list(stripped), hashes
+
+
+def _ti_hashes(pipe, args) -> str | None:
+    """A1111's "TI hashes" of the embeddings the flags loaded (None without any)."""
+    if not args.embedding and args.embeddings_dir is None:
+        return None
+    return pipe.embeddings.hashes() or None
 
 
 def _load_embeddings(pipe, args) -> None:

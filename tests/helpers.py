@@ -3,6 +3,7 @@ random perturbation of a torch module's weights, and error measures."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -38,3 +39,13 @@ def max_rel_err(got, want) -> float:
         want = want.detach().numpy()
     want = np.asarray(want)
     return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One PyTorch thread for a module's references (the suite shares 2 cores with XLA's pool). Use as
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -159,7 +159,6 @@ class _FakePipeline:
         self.kwargs = None
         self.text_encoder, self.text_encoder_2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)), None
         self.family = SimpleNamespace(text_time=False)
-        self.embeddings = SimpleNamespace(hashes=lambda: "")  # no textual-inversion terms loaded
 
     def generate_batches(self, prompt, **kwargs):
         from jaxdiff.pipeline import GenerationOutput

@@ -8,7 +8,8 @@ import torch
 from safetensors.numpy import save_file
 
 import jaxdiff
-import tiny_pipelines
+from tests import tiny_pipelines
+from tests.helpers import one_torch_thread  # noqa: F401 (fixture)
 from convert.embeddings import ANY_ENCODER, EmbeddingFileError, read_embedding, read_embeddings_dir
 from jaxdiff import prompts
 from jaxdiff.errors import JaxdiffError
@@ -16,12 +17,7 @@ from jaxdiff.errors import JaxdiffError
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 import jaxdiff
 from jaxdiff import prompts, sharding
 from tests import tiny_pipelines
+from tests.helpers import one_torch_thread  # noqa: F401 (fixture)
 
 BOS, EOS = 49406, 49407
 RTOL = 1e-5
@@ -25,12 +26,7 @@ def words(n, start=0):
     return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(n))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
