@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -177,6 +178,15 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _model_source(text: str) -> Path:
+    """A model path that exists, or an "org/name" Hub id (`jaxdiff.load` looks it up in the local cache)."""
+    model = Path(text)
+    if not model.exists() and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", str(text)):
+        raise UsageError(f"{model}: model not found (a folder, a single file, or an org/name Hub id in the "
+                         f"local Hugging Face cache)")
+    return model
+
+
 def _check_inputs(args) -> Path:
     """Every file the run needs exists (checked before loading anything); returns the model path."""
     if args.model is None:
@@ -185,9 +195,7 @@ def _check_inputs(args) -> Path:
                              "or a folder written by `jaxdiff convert`)")
         model = DEMO_MODEL
     else:
-        model = Path(args.model)
-        if not model.exists():
-            raise UsageError(f"{model}: model not found")
+        model = _model_source(args.model)
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
     for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
@@ -441,8 +449,7 @@ def register_convert(sub) -> None:
 
 
 def _convert(args) -> None:
-    if not Path(args.src).exists():
-        raise UsageError(f"{args.src}: no such file or folder")
+    _model_source(args.src)
     if args.vae is not None and not Path(args.vae).exists():
         raise UsageError(f"{args.vae}: --vae file or folder not found")
     if args.to == "single-file" and not str(args.dst).endswith(".safetensors"):

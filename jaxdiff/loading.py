@@ -10,6 +10,7 @@ mapped by convert.diffusers_layout's strict table onto the param shapes the conf
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
 
     Args:
       path: a diffusers folder (with model_index.json; safetensors or .bin weights), a jaxdiff folder
-        written by `Pipeline.save`, or a single-file checkpoint (.safetensors / .ckpt / .pt / .pth in
-        the CompVis SD1 / SD2 or SGM SDXL layout).
+        written by `Pipeline.save`, a single-file checkpoint (.safetensors / .ckpt / .pt / .pth in
+        the CompVis SD1 / SD2 or SGM SDXL layout), or a Hub id "org/name" already in the local
+        Hugging Face cache (read offline; nothing is downloaded).
       dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
       param_dtype: storage dtype of the params; defaults to `dtype`.
       vae: (single files) a separate VAE: an LDM VAE file or a diffusers AutoencoderKL folder.
@@ -49,7 +51,7 @@ def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        path = _from_hub_cache(str(path))
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
     # --- single files (issue 18) ---
@@ -66,6 +68,23 @@ def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
         return _load_diffusers(path, dtype, param_dtype)
     raise CheckpointError(f"{path}: not a model folder: it has neither model_index.json (diffusers) nor "
                           f"{checkpoint.INDEX} (jaxdiff)")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _from_hub_cache(name: str) -> Path:
+    """An "org/name" Hub id -> its snapshot folder in the local Hugging Face cache (huggingface_hub's
+    own cache lookup, HF_HUB_CACHE / HF_HOME honoured; offline: never a download)."""
+    if not _HUB_ID.match(name):
+        raise CheckpointError(f"{name}: no such file or folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{name}: no such file or folder, and no Hub model of that id in the local "
+                              f"Hugging Face cache (download it first, e.g. `hf download {name}`)") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -138,7 +138,7 @@ def test_read_image_and_mask(tmp_path):
     (["generate", "p", "--model", "{tmp}", "--schedule", "wobbly"], ["unknown schedule", "karras"]),
     (["generate", "p", "--model", "{tmp}", "--sampler", "DPM++ 2M Karras", "--schedule", "exponential"],
      ["implies schedule"]),
-    (["convert", "{tmp}/nope", "{tmp}/out"], ["nope: no such file or folder"]),
+    (["convert", "{tmp}/nope", "{tmp}/out"], ["nope: model not found"]),
     (["convert", "{tmp}", "{tmp}/out"], ["not a model folder"]),
 ])
 def test_bad_command_lines_give_one_line_and_exit_2(tmp_path, capsys, argv, fragments):

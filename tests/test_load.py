@@ -186,3 +186,25 @@ def test_cli_errors_are_one_line_exit_2(folders, tmp_path):
     r = run("convert", str(folders["sd1"][1]), str(tmp_path / "native"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "native" / "jaxdiff.json").is_file()
+
+
+def test_hub_id_from_the_local_cache(tiny_pipeline, tmp_path, monkeypatch):
+    """"org/name" resolves through huggingface_hub's cache layout (refs/main -> snapshots/<hash>), offline;
+    an id that is not cached is one line that says how to get it."""
+    import shutil
+
+    import huggingface_hub.constants
+    _, pipe, folder = tiny_pipeline("sd1")
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(folder, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got = jaxdiff.load("someone/tiny-sd")
+    assert got.family == pipe.family
+    np.testing.assert_array_equal(np.asarray(got.unet.params["conv_in"]["kernel"]),
+                                  np.asarray(pipe.unet.params["conv_in"]["kernel"]))
+    with pytest.raises(CheckpointError, match="someone/missing: .*local Hugging Face cache") as e:
+        jaxdiff.load("someone/missing")
+    assert "\n" not in str(e.value)
