@@ -21,7 +21,7 @@ import jaxdiff
 from convert import original_layout
 from convert.export import to_torch_state_dict
 from convert.formats import read_safetensors, write_safetensors
-from jaxdiff import cli, generation, sharding
+from jaxdiff import cli, rng, sharding
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.single_file import export_single_file
 from tests import tiny_single_file as T
@@ -162,7 +162,7 @@ def test_two_step_image_matches_diffusers(models, loaded, name):
     pipe = loaded[name]
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     H = W = 32
-    noise = generation.request_noise(3, np.arange(1), (H // 2, W // 2, 4))["start"]
+    noise = rng.request_noise(3, np.arange(1), (H // 2, W // 2, 4))["start"]
     out = pipe(["a red panda"], ["blurry"], height=H, width=W, steps=2, sampler="euler", schedule=None,
                guidance_scale=5.0, seed=3, mesh=sharding.make_mesh(jax.devices()[:1]), return_float=True)
     kw = dict(original_size=(H, W), target_size=(H, W)) if name == "sdxl" else {}
@@ -190,8 +190,7 @@ def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, mon
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_mod
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as xl_mod
     H = W = 32
-    rng = np.random.default_rng(5)
-    image = rng.integers(0, 256, (1, H, W, 3), dtype=np.uint8)
+    image = np.random.default_rng(5).integers(0, 256, (1, H, W, 3), dtype=np.uint8)
     mask = np.zeros((1, H, W, 1), np.float32)
     mask[:, 8:24, 12:28] = 1.0
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -199,7 +198,7 @@ def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, mon
 
     ref, pipe = models["sd1_inpaint"][3], loaded["sd1_inpaint"]
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    noises = generation.request_noise(7, np.arange(1), (H // 2, W // 2, 4))
+    noises = rng.request_noise(7, np.arange(1), (H // 2, W // 2, 4))
     _patch_randn(monkeypatch, inpaint_mod, [noises["start"]])
     _patch_randn(monkeypatch, vae_mod, [noises["masked_posterior"]])  # strength 1: no init-image encode
     out = pipe(["a red panda"], ["blurry"], image=image, mask=mask, steps=2, seed=7, **common)
@@ -209,7 +208,7 @@ def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, mon
     assert want.std() > 0.01 and np.abs(out.pixels - want).max() <= 1 / 255, "inpaint"
 
     ref, pipe = models["sdxl_refiner"][3], loaded["sdxl_refiner"]
-    noises = generation.request_noise(8, np.arange(1), (H // 2, W // 2, 4))
+    noises = rng.request_noise(8, np.arange(1), (H // 2, W // 2, 4))
     _patch_randn(monkeypatch, xl_mod, [noises["start"]])
     _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
     out = pipe(["a red panda"], ["blurry"], image=image, strength=0.5, steps=4, seed=8, **common)
