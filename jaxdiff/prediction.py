@@ -15,7 +15,7 @@ from __future__ import annotations
 from jaxdiff.errors import JaxdiffError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TRAINABLE = ("epsilon", "v_prediction")  # what the training loss implements
+TRAINABLE = ("epsilon", "v_prediction")  # what released checkpoints are and the training loss implements
 
 
 def check(prediction_type: str, allowed: tuple[str, ...] = PREDICTION_TYPES, what: str = "prediction_type"):

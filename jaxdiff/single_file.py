@@ -44,8 +44,8 @@ def load_single_file(path, dtype, param_dtype, *, vae=None, prediction_type: str
                      prefer_ema: bool = False) -> Pipeline:
     """A CompVis / SGM single file -> Pipeline (see `jaxdiff.load` for the arguments)."""
     path = Path(path)
-    if prediction_type is not None and prediction_type not in prediction.PREDICTION_TYPES:
-        raise CheckpointError(f"prediction_type={prediction_type!r}; expected one of {', '.join(prediction.PREDICTION_TYPES)}")
+    if prediction_type is not None and prediction_type not in prediction.TRAINABLE:
+        raise CheckpointError(f"prediction_type={prediction_type!r}; expected one of {', '.join(prediction.TRAINABLE)}")
     tensors, info = read_file(path)
     step = info.get("global_step")
     conv = original_layout.to_diffusers(tensors, source=str(path), prefer_ema=prefer_ema,

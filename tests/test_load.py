@@ -179,7 +179,7 @@ def test_cli_errors_are_one_line_exit_2(folders, tmp_path):
         return subprocess.run([sys.executable, "-m", "jaxdiff", *args], capture_output=True, text=True,
                               cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
     r = run("convert", str(tmp_path / "nope"), str(tmp_path / "out"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such file" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model not found" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
     r = run("convert", "--dtype", "int3", "a", "b")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
