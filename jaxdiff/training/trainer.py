@@ -111,6 +111,15 @@ class Models:
     scaling_factor: float = 0.18215
     encoders: prompts.EncoderSpec | None = None   # text conditioning rules (jaxdiff.prompts.encode)
 
+    def __post_init__(self):
+        if self.encoders is None and self.text_encoder is not None:  # Models built by hand (scripts)
+            mods = {n: m for n, m in (("text_encoder", self.text_encoder), ("text_encoder_2", self.text_encoder_2))
+                    if m is not None}
+            self.encoders = prompts.EncoderSpec(
+                names=tuple(mods), modules=tuple(mods.values()),
+                layer_norm_eps=tuple(float(m.config.layer_norm_eps) for m in mods.values()),
+                sdxl=self.unet.config.takes_text_time)
+
     @classmethod
     def from_pipeline(cls, pipe, compute_dtype: str = "float32") -> "Models":
         """Modules re-made at `compute_dtype`; params cast to float32 masters."""
