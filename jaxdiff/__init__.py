@@ -19,6 +19,13 @@ def load(path, dtype="float32", *, param_dtype=None, vae=None, prediction_type=N
                  prefer_ema=prefer_ema)
 
 
+def load_controlnet(path, dtype="float32", *, param_dtype=None):
+    """Loads a ControlNet (diffusers ControlNetModel folder or ControlNet 1.x single file). See
+    jaxdiff.loading.load_controlnet."""
+    from jaxdiff.loading import load_controlnet as _load_controlnet
+    return _load_controlnet(path, dtype, param_dtype=param_dtype)
+
+
 def __getattr__(name):
     # Imported on first use so that `import jaxdiff` (and the CLI's --help) stay fast.
     if name == "SAMPLERS":
@@ -30,4 +37,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
 
 
-__all__ = ["load", "Pipeline", "SAMPLERS", "JaxdiffError", "CheckpointError", "ConfigError", "SamplerError"]
+__all__ = ["load", "load_controlnet", "Pipeline", "SAMPLERS", "JaxdiffError", "CheckpointError", "ConfigError", "SamplerError"]

@@ -68,6 +68,34 @@ def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
                           f"{checkpoint.INDEX} (jaxdiff)")
 
 
+def load_controlnet(path, dtype: Any = "float32", *, param_dtype: Any = None):
+    """Loads a ControlNet: a diffusers ControlNetModel folder (config.json + weights) or a single file
+    in the original ControlNet 1.0 / 1.1 layout (.safetensors / .pth / .ckpt; see
+    convert.original_layout.controlnet_to_diffusers).
+
+    Returns a jaxdiff.components.ControlNet (config, module, params), for `jaxdiff.load(base,
+    controlnet=...)` or `Pipeline.with_controlnet`.
+    """
+    from jaxdiff.components import CONTROLNET
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    if path.is_file():
+        from jaxdiff.single_file import load_controlnet_file
+        return load_controlnet_file(path, dtype, param_dtype)
+    raw = _read_json(path / "config.json")
+    cls = raw.get("_class_name")
+    if cls not in CONTROLNET.upstream:
+        raise ConfigError(f"{path / 'config.json'}: _class_name={cls!r} is not a ControlNetModel")
+    config = CONTROLNET.config_cls.from_dict(raw, str(path / "config.json"))
+    weights = _weights_file(path, CONTROLNET.weight_stem)
+    params = convert_state_dict(read_tensors(weights), CONTROLNET.param_shapes(config), source=str(weights),
+                                ignore=CONTROLNET.ignore)
+    return CONTROLNET.component(config, cast_params(params, param_dtype), dtype)
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

@@ -1,0 +1,101 @@
+"""ControlNet: the model against diffusers' ControlNetModel (made with from_unet, zero convs perturbed
+to non-zero), read through a diffusers folder written by save_pretrained."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffusers
+import jax
+import jax.numpy as jnp
+
+from tests import helpers
+
+import jaxdiff
+from jaxdiff.errors import ConfigError
+
+_TINY = dict(layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=32)
+MODEL_CASES = {
+    # SD1-style trunk, stock 4-level control encoder (8x), scale 0.5.
+    "sd1": (dict(_TINY, block_out_channels=(32, 64), attention_head_dim=4,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+            dict(conditioning_embedding_out_channels=(8, 8, 16, 16)), dict(conditioning_scale=0.5)),
+    # SDXL-style: text_time embedding, linear projections, 2 transformer layers; guess mode, 1-channel
+    # control image in BGR order (a flip of nothing, but exercises the path), 2-level encoder (2x).
+    "sdxl_guess": (dict(_TINY, block_out_channels=(32, 64), attention_head_dim=(2, 4), cross_attention_dim=64,
+                        transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                        addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=16 + 6 * 8),
+                   dict(conditioning_embedding_out_channels=(8, 16), conditioning_channels=1,
+                        controlnet_conditioning_channel_order="bgr"),
+                   dict(conditioning_scale=0.7, guess_mode=True)),
+    # SD2-style, global pooling (the shuffle ControlNet).
+    "sd2_pool": (dict(_TINY, block_out_channels=(32, 64), attention_head_dim=(2, 4), use_linear_projection=True,
+                      upcast_attention=True, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+                 dict(conditioning_embedding_out_channels=(8, 16)), dict(conditioning_scale=1.3)),
+}
+
+
+def make_controlnet(unet_kwargs, control_kwargs, seed=0, global_pool=False):
+    """diffusers' ControlNetModel.from_unet(tiny random UNet), every weight perturbed (zero convs too)."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**unet_kwargs)
+    net = diffusers.ControlNetModel.from_unet(unet, **control_kwargs)
+    if global_pool:
+        net.register_to_config(global_pool_conditions=True)
+    return helpers.perturb(net, seed=seed + 1)
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_controlnet_model_parity_with_diffusers(case, tmp_path):
+    unet_kwargs, control_kwargs, call = MODEL_CASES[case]
+    ref = make_controlnet(unet_kwargs, control_kwargs, global_pool=case.endswith("pool"))
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    net = jaxdiff.load_controlnet(tmp_path)
+    cfg = net.config
+    assert cfg.global_pool_conditions == case.endswith("pool")
+
+    b, h, w = 2, 8, 6
+    f = cfg.image_factor
+    rng = np.random.default_rng(3)
+    sample = rng.standard_normal((b, 4, h, w)).astype(np.float32)
+    cond = rng.uniform(0, 1, (b, cfg.conditioning_channels, f * h, f * w)).astype(np.float32)
+    context = rng.standard_normal((b, 5, cfg.cross_attention_dims[0])).astype(np.float32)
+    t = np.array([11, 700])
+    added = None
+    if cfg.takes_text_time:
+        added = {"text_embeds": rng.standard_normal((b, 16)).astype(np.float32),
+                 "time_ids": rng.uniform(0, 64, (b, 6)).astype(np.float32)}
+    with torch.no_grad():
+        down, mid = ref(torch.from_numpy(sample), torch.as_tensor(t), torch.from_numpy(context),
+                        torch.from_numpy(cond), added_cond_kwargs=None if added is None else
+                        {k: torch.from_numpy(v) for k, v in added.items()}, return_dict=False, **call)
+    want = [d.numpy().transpose(0, 2, 3, 1) for d in down] + [mid.numpy().transpose(0, 2, 3, 1)]
+
+    got_down, got_mid = net(jnp.asarray(sample.transpose(0, 2, 3, 1)), t, jnp.asarray(context),
+                            jnp.asarray(cond.transpose(0, 2, 3, 1)), call["conditioning_scale"], added,
+                            guess_mode=call.get("guess_mode", False))
+    got = [np.asarray(a) for a in got_down] + [np.asarray(got_mid)]
+    assert len(got) == len(want)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert g.shape == r.shape, (i, g.shape, r.shape)
+        scale = float(np.max(np.abs(r)))
+        assert scale > 1e-3  # perturbed zero convs: real residuals
+        assert float(np.max(np.abs(g - r))) <= 1e-4 * scale, (i, float(np.max(np.abs(g - r))), scale)
+
+
+def test_controlnet_config_refuses_unknown_keys(tmp_path):
+    from jaxdiff.models.controlnet import ControlNetConfig
+    raw = dict(_class_name="ControlNetModel", block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+               down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], attention_head_dim=4,
+               cross_attention_dim=32, conditioning_embedding_out_channels=[8, 16])
+    assert ControlNetConfig.from_dict(raw, "x").image_factor == 2
+    with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
+        ControlNetConfig.from_dict({**raw, "resnet_time_scale_shift": "scale_shift"}, "x")
+    with pytest.raises(ConfigError, match="channel_order"):
+        ControlNetConfig.from_dict({**raw, "controlnet_conditioning_channel_order": "gbr"}, "x")
