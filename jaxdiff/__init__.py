@@ -11,12 +11,13 @@ from jaxdiff.errors import CheckpointError, ConfigError, JaxdiffError, SamplerEr
 _xla_flags.apply_defaults()
 
 
-def load(path, dtype="float32", *, param_dtype=None, vae=None, prediction_type=None, prefer_ema=False):
-    """Loads a diffusers folder, a jaxdiff native folder or a single-file checkpoint. See
-    jaxdiff.loading.load."""
+def load(path, dtype="float32", *, param_dtype=None, vae=None, controlnet=None, prediction_type=None,
+         prefer_ema=False):
+    """Loads a diffusers folder, a jaxdiff native folder or a single-file checkpoint, optionally with
+    ControlNet(s). See jaxdiff.loading.load."""
     from jaxdiff.loading import load as _load  # keeps `import jaxdiff` light (no model code, no jit)
-    return _load(path, dtype, param_dtype=param_dtype, vae=vae, prediction_type=prediction_type,
-                 prefer_ema=prefer_ema)
+    return _load(path, dtype, param_dtype=param_dtype, vae=vae, controlnet=controlnet,
+                 prediction_type=prediction_type, prefer_ema=prefer_ema)
 
 
 def load_controlnet(path, dtype="float32", *, param_dtype=None):

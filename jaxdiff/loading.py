@@ -31,8 +31,23 @@ PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt",)
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
+def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None, controlnet=None,
          prediction_type: str | None = None, prefer_ema: bool = False) -> Pipeline:
+    """Loads a pipeline (see `_load`); `controlnet`: a ControlNet path or component, or a list of them
+    (MultiControlNet), checked against the UNet (Pipeline.with_controlnet)."""
+    pipe = _load(path, dtype, param_dtype=param_dtype, vae=vae, prediction_type=prediction_type,
+                 prefer_ema=prefer_ema)
+    if controlnet is None:
+        return pipe
+    if isinstance(controlnet, (str, Path)) or not isinstance(controlnet, (list, tuple)):
+        controlnet = [controlnet]
+    nets = [load_controlnet(n, dtype, param_dtype=param_dtype) if isinstance(n, (str, Path)) else n
+            for n in controlnet]
+    return pipe.with_controlnet(nets)
+
+
+def _load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
+          prediction_type: str | None = None, prefer_ema: bool = False) -> Pipeline:
     """Loads a pipeline.
 
     Args:
