@@ -173,3 +173,57 @@ def test_controlnet_pipeline_parity_with_diffusers(case, control_setup):
     print(f"{case}: float max|jax - diffusers| = {fl:.2e}, uint8 max diff = {u8}, control effect {effect:.3f}")
     assert effect > 5 / 255  # the ControlNets change the image: the comparison tests them
     assert u8 <= 1 and fl <= 1e-4, (fl, u8)
+
+
+# --- the ControlNet 1.x single-file layout ------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["control_model.", ""])
+def test_single_file_controlnet_matches_folder_and_diffusers_reads_it(prefix, tmp_path):
+    """A file written in the cldm layout (ControlNet 1.0 / 1.1 release names) from a diffusers folder:
+    diffusers' ControlNetModel.from_single_file reads it back to exactly the folder's weights, and
+    jaxdiff.load_controlnet(file) gives exactly the params of load_controlnet(folder)."""
+    import json
+    from safetensors.numpy import save_file
+    from convert.original_layout import controlnet_from_diffusers
+    from convert.formats import read_tensors
+    # SD1 family rules: 8 heads (what a file without a config implies), stock 4-level hint encoder.
+    unet = dict(_TINY, block_out_channels=(32, 64), attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32)
+    ref = make_controlnet(unet, dict(conditioning_embedding_out_channels=(8, 8, 16, 16)), seed=4)
+    folder = tmp_path / "folder"
+    ref.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    state = read_tensors(folder / "diffusion_pytorch_model.safetensors")
+    single = {k: np.ascontiguousarray(v) for k, v in controlnet_from_diffusers(state, config, prefix=prefix).items()}
+    assert "input_hint_block.14.weight" in {k[len(prefix):] for k in single}
+    file = tmp_path / "control_v11p_sd15_tiny.safetensors"
+    save_file(single, str(file))
+
+    back = diffusers.ControlNetModel.from_single_file(str(file), config=str(folder))
+    want = ref.state_dict()
+    got = back.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+    a = jaxdiff.load_controlnet(folder)
+    b = jaxdiff.load_controlnet(file)
+    assert a.config == b.config
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
+
+
+def test_controlnet_that_does_not_fit_is_refused(control_setup, tmp_path):
+    from jaxdiff.errors import CheckpointError
+    _, pipe, _, _ = control_setup
+    wide = dict(SD1_UNET, cross_attention_dim=48)
+    make_controlnet(wide, dict(conditioning_embedding_out_channels=(8, 16))).save_pretrained(
+        tmp_path / "w", safe_serialization=True)
+    with pytest.raises(CheckpointError, match="cross-attention width is 48"):
+        pipe.with_controlnet(jaxdiff.load_controlnet(tmp_path / "w"))
+    eight = dict(conditioning_embedding_out_channels=(8, 8, 16, 16))
+    make_controlnet(SD1_UNET, eight).save_pretrained(tmp_path / "f", safe_serialization=True)
+    with pytest.raises(CheckpointError, match="downsamples 8x, the VAE 2x"):
+        pipe.with_controlnet(tmp_path / "f")
+    with pytest.raises(jaxdiff.JaxdiffError, match="control_image needs a ControlNet"):
+        pipe("x", control_image=np.zeros((16, 16, 3), np.uint8), height=H, width=W, steps=1)
