@@ -290,3 +290,22 @@ def test_controlnet_img2img_parity_with_diffusers(control_setup, monkeypatch):
     fl = float(np.abs(out.pixels - want).max())
     print(f"controlnet img2img: float max diff {fl:.2e}")
     assert fl <= 1e-4
+
+
+def test_canny_matches_opencv():
+    """jaxdiff.preprocess.canny == cv2.Canny pixel for pixel (grey and RGB, integer and fractional thresholds)."""
+    cv2 = pytest.importorskip("cv2")
+    from jaxdiff.preprocess import canny
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        h, w = 67, 91
+        img = cv2.resize(rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)), (w, h), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+        img[10:40, 20:50] = 250
+        for im in (img, np.ascontiguousarray(img[..., 0])):
+            for lo, hi in ((50, 100), (100, 200), (20.7, 60.2)):
+                want = cv2.Canny(im, lo, hi)
+                got = canny(im, lo, hi)
+                assert got.shape == (h, w, 3) and got.dtype == np.uint8
+                assert want.any()
+                np.testing.assert_array_equal(got[..., 0], want)
