@@ -309,3 +309,51 @@ def test_canny_matches_opencv():
                 assert got.shape == (h, w, 3) and got.dtype == np.uint8
                 assert want.any()
                 np.testing.assert_array_equal(got[..., 0], want)
+
+
+def test_cli_controlnet_flags_reach_the_library_and_the_png(tmp_path, capsys, monkeypatch):
+    """--controlnet / --control-* wiring with the pipeline and ControlNet loading replaced (no compile):
+    images resized to the output size, canny applied, per-ControlNet values, A1111-style PNG fields."""
+    from PIL import Image
+    from jaxdiff import cli, images
+    from jaxdiff.preprocess import canny
+    from tests.test_cli import _FakePipeline, main_in_process
+
+    class Fake(_FakePipeline):
+        def with_controlnet(self, nets):
+            self.nets = nets
+            return self
+
+    fake = Fake()
+    fake.embeddings = type("NoEmbeddings", (), {"hashes": staticmethod(lambda: "")})()
+    monkeypatch.setattr(cli, "_load", lambda path, dtype: fake)
+    monkeypatch.setattr(cli, "_load_controlnet", lambda path, dtype: f"net:{path.name}")
+    photo = np.zeros((30, 50, 3), np.uint8)
+    photo[8:20, 10:30] = 255
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    Image.fromarray(photo[::-1]).save(tmp_path / "b.png")
+    for name in ("model", "cn_canny", "cn_depth"):
+        (tmp_path / name).mkdir()
+    rc, err = main_in_process(capsys, "generate", "a box", "--model", tmp_path / "model", "--out", tmp_path / "out",
+                              "--controlnet", tmp_path / "cn_canny", "--control-image", tmp_path / "a.png",
+                              "--controlnet", tmp_path / "cn_depth", "--control-image", tmp_path / "b.png",
+                              "--control-scale", 0.5, "--control-scale", 1.25, "--control-end", 0.6,
+                              "--control-preprocess", "canny", "--control-preprocess", "none",
+                              "--no-compile-cache", "--quiet")
+    assert rc == 0, err
+    kw = fake.kwargs
+    assert fake.nets == ["net:cn_canny", "net:cn_depth"]
+    assert (kw["height"], kw["width"]) == (24, 48)  # the first control image's size, rounded down to 8
+    first, second = kw["control_image"]
+    np.testing.assert_array_equal(first, canny(images.read_image(tmp_path / "a.png", (24, 48)), 100, 200))
+    np.testing.assert_array_equal(second, images.read_image(tmp_path / "b.png", (24, 48)))
+    assert kw["controlnet_conditioning_scale"] == [0.5, 1.25]
+    assert (kw["control_guidance_start"], kw["control_guidance_end"], kw["guess_mode"]) == ([0.0, 0.0], [0.6, 0.6], False)
+    text = images.read_parameters(sorted((tmp_path / "out").iterdir())[0])
+    assert ('ControlNet 0: "Module: canny, Model: cn_canny, Weight: 0.5, Guidance Start: 0.0, Guidance End: 0.6, '
+            'Threshold A: 100.0, Threshold B: 200.0"') in text
+    assert 'ControlNet 1: "Module: none, Model: cn_depth, Weight: 1.25, Guidance Start: 0.0, Guidance End: 0.6"' in text
+
+    rc, err = main_in_process(capsys, "generate", "a box", "--model", tmp_path / "model",
+                              "--controlnet", tmp_path / "cn_canny", "--no-compile-cache", "--quiet")
+    assert rc == 2 and "1 --controlnet and 0 --control-image" in err
