@@ -32,6 +32,9 @@ def __getattr__(name):
     if name == "SAMPLERS":
         from jaxdiff.samplers import SAMPLERS
         return SAMPLERS
+    if name == "preprocess":  # control-image preprocessors (canny)
+        import importlib
+        return importlib.import_module("jaxdiff.preprocess")
     if name == "Pipeline":
         from jaxdiff.pipeline import Pipeline
         return Pipeline

@@ -393,3 +393,26 @@ def test_controlnet_inpaint_parity_with_diffusers(control_setup, monkeypatch):
     fl = float(np.abs(out.pixels - want).max())
     print(f"controlnet inpaint: float max diff {fl:.2e}")
     assert fl <= 1e-4
+
+
+def test_new_scale_window_and_weights_compile_nothing(control_setup):
+    """The guidance window is a per-evaluation table and the scales are row data: a new window, scale or
+    ControlNet weights (params=) run on the executable already compiled."""
+    from jaxdiff import sharding
+    _, pipe, nets, images = control_setup
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    jpipe = pipe.with_controlnet(nets[0][1])
+    kw = dict(control_image=images[0], height=H, width=W, steps=4, sampler="euler", schedule=None,
+              guidance_scale=7.5, seed=3, mesh=mesh)
+    first = jpipe(PROMPTS, controlnet_conditioning_scale=0.5, control_guidance_end=0.5, **kw)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **_: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration"
+        else None)
+    size = jpipe.runner(mesh).cache_size()
+    other = jaxdiff.load_controlnet(nets[1][1])
+    second = jpipe(PROMPTS, controlnet_conditioning_scale=1.1, control_guidance_start=0.25, **kw)
+    third = jpipe(PROMPTS, params={"controlnet": (other.params,)}, **kw)
+    assert compiles == [] and jpipe.runner(mesh).cache_size() == size
+    assert np.abs(first.images.astype(int) - second.images.astype(int)).max() > 0
+    assert np.abs(second.images.astype(int) - third.images.astype(int)).max() > 0
