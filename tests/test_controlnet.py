@@ -15,6 +15,19 @@ from tests import helpers
 import jaxdiff
 from jaxdiff.errors import ConfigError
 
+@pytest.fixture(scope="module", autouse=True)
+def fewer_xla_passes():
+    """As tests/test_generation.py: compile is most of this module's time on 2 cores; numerics are
+    unchanged at the tolerances used."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 _TINY = dict(layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=32)
 MODEL_CASES = {
     # SD1-style trunk, stock 4-level control encoder (8x), scale 0.5.
