@@ -429,3 +429,36 @@ def test_new_scale_window_and_weights_compile_nothing(control_setup):
     assert compiles == [] and jpipe.runner(mesh).cache_size() == size
     assert np.abs(first.images.astype(int) - second.images.astype(int)).max() > 0
     assert np.abs(second.images.astype(int) - third.images.astype(int)).max() > 0
+
+
+def test_single_file_sdxl_controlnet_family_from_keys(tmp_path):
+    """An SDXL ControlNet file (label_emb, linear projections, 64-channel heads) reads back with no config."""
+    import json
+    from safetensors.numpy import save_file
+    from convert.original_layout import controlnet_from_diffusers
+    from convert.formats import read_tensors
+    unet = dict(layers_per_block=1, norm_num_groups=32, sample_size=8, cross_attention_dim=64,
+                block_out_channels=(64, 128), attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2),
+                use_linear_projection=True, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=16 + 6 * 256)
+    ref = make_controlnet(unet, dict(conditioning_embedding_out_channels=(8, 8, 16, 16)), seed=9)
+    ref.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    config = json.loads((tmp_path / "folder" / "config.json").read_text())
+    state = read_tensors(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in controlnet_from_diffusers(state, config).items()},
+              str(tmp_path / "cn_xl.safetensors"))
+    a = jaxdiff.load_controlnet(tmp_path / "folder")
+    b = jaxdiff.load_controlnet(tmp_path / "cn_xl.safetensors")
+    assert b.config.takes_text_time and b.config == a.config
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
+    # A file missing a tensor: one line naming the file and what is missing.
+    single = {k: np.ascontiguousarray(v) for k, v in controlnet_from_diffusers(state, config).items()
+              if k != "control_model.middle_block_out.0.weight"}
+    save_file(single, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(jaxdiff.CheckpointError, match=r"cut.safetensors.*missing.*controlnet_mid_block") as e:
+        jaxdiff.load_controlnet(tmp_path / "cut.safetensors")
+    assert "\n" not in str(e.value)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(jaxdiff.CheckpointError, match="junk.safetensors"):
+        jaxdiff.load_controlnet(tmp_path / "junk.safetensors")
