@@ -147,6 +147,7 @@ class Pipeline:
                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
                        options=self.options, controlnet=nets)
         out.embeddings = self.embeddings
+        out._lora = self._lora  # loaded LoRAs stay manageable (set_adapters, unload) on the new pipeline
         return out
 
     def load_textual_inversion(self, path, *, token: str | None = None) -> str:
