@@ -180,8 +180,9 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def unet_shape(u: Mapping[str, np.ndarray], source: str) -> UNetShape:
-    """Reads levels, widths and attention placement from an LDM UNet state dict (prefix removed)."""
+def unet_shape(u: Mapping[str, np.ndarray], source: str, *, down_only: bool = False) -> UNetShape:
+    """Reads levels, widths and attention placement from an LDM UNet state dict (prefix removed).
+    down_only: a ControlNet (no output blocks): the up half is taken as the mirror of the down half."""
     try:
         n_in = _count(u, "input_blocks.{}")
         levels: list[list[int]] = [[]]
@@ -197,7 +198,8 @@ def unet_shape(u: Mapping[str, np.ndarray], source: str) -> UNetShape:
         channels = tuple(int(u[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0]) for lv in levels)
         attn_down = tuple(f"input_blocks.{lv[0]}.1.norm.weight" in u for lv in levels)
         n = len(levels)
-        attn_up = tuple(f"output_blocks.{b * (L + 1)}.1.norm.weight" in u for b in range(n))
+        attn_up = (tuple(reversed(attn_down)) if down_only else
+                   tuple(f"output_blocks.{b * (L + 1)}.1.norm.weight" in u for b in range(n)))
         mid_attention = "middle_block.1.norm.weight" in u
     except KeyError as e:
         raise OriginalLayoutError(f"{source}: UNet tensor {e} is missing; truncated or not an SD UNet") from None
@@ -209,9 +211,10 @@ def _depth(u, prefix: str) -> int:
 
 
 def unet_config(u: Mapping[str, np.ndarray], family: str, *, pooled_dim: int | None, sample_size: int,
-                source: str) -> tuple[dict[str, Any], UNetShape]:
-    """A diffusers UNet2DConditionModel config.json dict for an LDM UNet state dict (prefix removed)."""
-    s = unet_shape(u, source)
+                source: str, down_only: bool = False) -> tuple[dict[str, Any], UNetShape]:
+    """A diffusers UNet2DConditionModel config.json dict for an LDM UNet state dict (prefix removed);
+    down_only: a ControlNet's trunk (see unet_shape; out_channels is then the input's)."""
+    s = unet_shape(u, source, down_only=down_only)
     L, n = s.layers, len(s.channels)
     try:
         conv_in = u["input_blocks.0.0.weight"]
@@ -221,7 +224,8 @@ def unet_config(u: Mapping[str, np.ndarray], family: str, *, pooled_dim: int | N
         context = int(u[f"{first_attn}.transformer_blocks.0.attn2.to_k.weight"].shape[1])
         linear = u[f"{first_attn}.proj_in.weight"].ndim == 2
         time_dim = int(u["time_embed.0.weight"].shape[0])
-        out_channels = int(u["out.2.weight"].shape[0])
+        out_channels = int((u["input_blocks.0.0.weight"] if down_only else u["out.2.weight"]).shape[
+            1 if down_only else 0])
     except KeyError as e:
         raise OriginalLayoutError(f"{source}: UNet tensor {e} is missing; truncated or not an SD UNet") from None
     if list(s.attn_up) != list(reversed(s.attn_down)):
@@ -615,3 +619,91 @@ def from_diffusers(components: Mapping[str, Mapping[str, Any]], *, family: str |
         else:
             out.update({prefix + k: a for k, a in hf_to_openclip(d, extra_identity_layer=family == "sd2").items()})
     return out
+
+
+# ------------------------------------------------------------------------------- ControlNet 1.0 / 1.1
+
+CONTROLNET = "control_model."  # diffusers' LDM_CONTROLNET_KEY; files are also shipped with bare keys
+
+
+def _hint_indices(c: Mapping[str, np.ndarray], source: str) -> list[int]:
+    """The conv indices of `input_hint_block` (convs at even places, SiLUs between: 0, 2, ..., 2m)."""
+    idx = sorted({int(m.group(1)) for k in c if (m := re.match(r"input_hint_block\.(\d+)\.weight$", k))})
+    if not idx or idx != list(range(0, 2 * len(idx), 2)) or len(idx) % 2:
+        raise OriginalLayoutError(f"{source}: input_hint_block convs {idx} are not the ControlNet hint encoder "
+                                  f"(conv_in, pairs of convs, conv_out at indices 0, 2, 4, ...)")
+    return idx
+
+
+def controlnet_table(s: UNetShape, hint: list[int]) -> dict[str, tuple[str, dict[str, str]]]:
+    """cldm ControlNet module prefix -> (diffusers ControlNetModel prefix, sub-renames): the UNet's down
+    half and mid block (unet_table), the hint encoder, zero convs and the mid output conv (diffusers
+    single_file_utils.convert_controlnet_checkpoint)."""
+    t = {k: v for k, v in unet_table(s).items() if not k.startswith(("output_blocks", "out."))}
+    t["input_hint_block.0"] = ("controlnet_cond_embedding.conv_in", {})
+    for j, i in enumerate(hint[1:-1]):
+        t[f"input_hint_block.{i}"] = (f"controlnet_cond_embedding.blocks.{j}", {})
+    t[f"input_hint_block.{hint[-1]}"] = ("controlnet_cond_embedding.conv_out", {})
+    n_skips = 1 + len(s.channels) * s.layers + len(s.channels) - 1
+    for i in range(n_skips):
+        t[f"zero_convs.{i}.0"] = (f"controlnet_down_blocks.{i}", {})
+    t["middle_block_out.0"] = ("controlnet_mid_block", {})
+    return t
+
+
+def controlnet_family(c: Mapping[str, np.ndarray]) -> str:
+    """sdxl (added embedding label_emb), sd2 (linear attention projections) or sd1, from the keys."""
+    if "label_emb.0.0.weight" in c:
+        return "sdxl"
+    linear = any(k.endswith(".1.proj_in.weight") and np.ndim(c[k]) == 2 for k in c if k.startswith("input_blocks."))
+    return "sd2" if linear else "sd1"
+
+
+def controlnet_to_diffusers(tensors: Mapping[str, np.ndarray], *, source: str, family: str | None = None
+                            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A ControlNet 1.0 / 1.1 file (`control_model.*` or bare cldm keys) -> (diffusers ControlNetModel
+    config.json dict, diffusers state dict). Sizes come from shapes; heads and upcasting from the family
+    (sd1: 8 heads; sd2 / sdxl: 64-channel heads), read from the keys unless given. global_pool_conditions
+    (the shuffle model) cannot be read from weights: it is False; a diffusers folder carries it.
+    """
+    if any(k.startswith(CONTROLNET) for k in tensors):
+        c = _strip(tensors, CONTROLNET)
+    elif "time_embed.0.weight" in tensors and "input_hint_block.0.weight" in tensors:
+        c = dict(tensors)
+    else:
+        raise OriginalLayoutError(f"{source}: no control_model.* or bare input_hint_block / zero_convs tensors: "
+                                  f"not a ControlNet 1.x file")
+    family = family or controlnet_family(c)
+    pooled = None
+    if family == "sdxl":
+        pooled = int(c["label_emb.0.0.weight"].shape[1]) - TIME_IDS["sdxl"] * 256
+    cfg, shape = unet_config(c, family, pooled_dim=pooled, sample_size=SAMPLE_SIZE[family], source=source,
+                             down_only=True)
+    hint = _hint_indices(c, source)
+    widths = [int(c["input_hint_block.0.weight"].shape[0])] + [
+        int(c[f"input_hint_block.{i}.weight"].shape[0]) for i in hint[2:-1:2]]
+    for key in ("up_block_types", "out_channels", "sample_size"):
+        cfg.pop(key, None)
+    if "time_embedding_dim" in cfg:
+        raise OriginalLayoutError(f"{source}: a ControlNet with a time embedding width other than 4 x "
+                                  f"{shape.channels[0]} is not a diffusers ControlNetModel")
+    cfg.update(_class_name="ControlNetModel", conditioning_channels=int(c["input_hint_block.0.weight"].shape[1]),
+               conditioning_embedding_out_channels=widths)
+    state = _apply(c, controlnet_table(shape, hint), source=source, what="ControlNet")
+    return cfg, state
+
+
+def controlnet_from_diffusers(d: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+                              prefix: str = CONTROLNET) -> dict[str, np.ndarray]:
+    """A diffusers ControlNetModel state dict -> the cldm single-file layout (keys under `prefix`)."""
+    levels = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    attn = tuple(t == "CrossAttnDownBlock2D" for t in config["down_block_types"])
+    shape = UNetShape(tuple(config["block_out_channels"]), layers, attn, tuple(reversed(attn)),
+                      config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None)
+    n_hint = 2 + 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    hint = list(range(0, 2 * n_hint, 2))
+    table = _invert(controlnet_table(shape, hint))
+    out = _apply(d, table, source="diffusers ControlNet", what="ControlNet")
+    del levels
+    return {prefix + k: v for k, v in out.items()}

@@ -11,12 +11,20 @@ from jaxdiff.errors import CheckpointError, ConfigError, JaxdiffError, SamplerEr
 _xla_flags.apply_defaults()
 
 
-def load(path, dtype="float32", *, param_dtype=None, vae=None, prediction_type=None, prefer_ema=False):
-    """Loads a diffusers folder, a jaxdiff native folder or a single-file checkpoint. See
-    jaxdiff.loading.load."""
+def load(path, dtype="float32", *, param_dtype=None, vae=None, controlnet=None, prediction_type=None,
+         prefer_ema=False):
+    """Loads a diffusers folder, a jaxdiff native folder or a single-file checkpoint, optionally with
+    ControlNet(s). See jaxdiff.loading.load."""
     from jaxdiff.loading import load as _load  # keeps `import jaxdiff` light (no model code, no jit)
-    return _load(path, dtype, param_dtype=param_dtype, vae=vae, prediction_type=prediction_type,
-                 prefer_ema=prefer_ema)
+    return _load(path, dtype, param_dtype=param_dtype, vae=vae, controlnet=controlnet,
+                 prediction_type=prediction_type, prefer_ema=prefer_ema)
+
+
+def load_controlnet(path, dtype="float32", *, param_dtype=None):
+    """Loads a ControlNet (diffusers ControlNetModel folder or ControlNet 1.x single file). See
+    jaxdiff.loading.load_controlnet."""
+    from jaxdiff.loading import load_controlnet as _load_controlnet
+    return _load_controlnet(path, dtype, param_dtype=param_dtype)
 
 
 def __getattr__(name):
@@ -24,10 +32,13 @@ def __getattr__(name):
     if name == "SAMPLERS":
         from jaxdiff.samplers import SAMPLERS
         return SAMPLERS
+    if name == "preprocess":  # control-image preprocessors (canny)
+        import importlib
+        return importlib.import_module("jaxdiff.preprocess")
     if name == "Pipeline":
         from jaxdiff.pipeline import Pipeline
         return Pipeline
     raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
 
 
-__all__ = ["load", "Pipeline", "SAMPLERS", "JaxdiffError", "CheckpointError", "ConfigError", "SamplerError"]
+__all__ = ["load", "load_controlnet", "Pipeline", "SAMPLERS", "JaxdiffError", "CheckpointError", "ConfigError", "SamplerError"]

@@ -149,6 +149,20 @@ def register_generate(sub) -> None:
     p.add_argument("--strength", metavar="X", type=_float_in(0.0, 1.0, open_low=True),
                    help="how much of the init image is re-noised, in (0, 1] (default 0.75; 1.0 with --mask)")
     p.add_argument("--mask", metavar="FILE", help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--controlnet", metavar="PATH", action="append", default=[],
+                   help="a ControlNet (diffusers folder or ControlNet 1.x .safetensors / .pth); repeat for several, "
+                        "each with its own --control-image")
+    p.add_argument("--control-image", metavar="FILE", action="append", default=[],
+                   help="the control image of each --controlnet, in order (resized to the output size)")
+    p.add_argument("--control-scale", metavar="W", type=float, action="append", default=[],
+                   help="controlnet_conditioning_scale: once for all ControlNets or once each (default 1.0)")
+    p.add_argument("--control-start", metavar="S", type=_float_in(0.0, 1.0), action="append", default=[],
+                   help="fraction of the steps before which a ControlNet is off: once or once each (default 0)")
+    p.add_argument("--control-end", metavar="E", type=_float_in(0.0, 1.0), action="append", default=[],
+                   help="fraction of the steps after which a ControlNet is off: once or once each (default 1)")
+    p.add_argument("--control-preprocess", choices=("none", "canny"), action="append", default=[],
+                   help="run on each control image first: canny (OpenCV's Canny 100 / 200); once or once each")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (diffusers' guess_mode)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
     p.add_argument("--vae", metavar="PATH",  # issue 18
                    help="a separate VAE: an LDM VAE file (.safetensors/.ckpt) or a diffusers AutoencoderKL folder")
@@ -207,6 +221,20 @@ def _check_inputs(args) -> Path:
         raise UsageError("--strength needs --init-image")
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither")
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise UsageError(f"{n} --controlnet and {len(args.control_image)} --control-image: give one image per "
+                         f"ControlNet")
+    for flag, values in (("--control-scale", args.control_scale), ("--control-start", args.control_start),
+                         ("--control-end", args.control_end), ("--control-preprocess", args.control_preprocess)):
+        if values and (n == 0 or len(values) not in (1, n)):
+            raise UsageError(f"{flag} given {len(values)} times for {n} --controlnet: give it once or once each")
+    if args.guess_mode and n == 0:
+        raise UsageError("--guess-mode needs --controlnet")
+    for flag, values in (("--controlnet", args.controlnet), ("--control-image", args.control_image)):
+        for value in values:
+            if not Path(value).exists():
+                raise UsageError(f"{value}: {flag} file not found")
     return model
 
 
@@ -244,6 +272,11 @@ def _generate(args) -> None:
     _check_clip_skip(pipe, args.clip_skip)
     _load_embeddings(pipe, args)
     texts_for_model, lora_hashes = _load_loras(pipe, args, texts)
+    control_kwargs, control_fields = {}, {}
+    if args.controlnet:
+        if size is None:
+            size = _round8(images.image_size(args.control_image[0]))
+        pipe, control_kwargs, control_fields = _controlnets(pipe, args, size)
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
@@ -256,11 +289,12 @@ def _generate(args) -> None:
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
-        gather=args.gather, progress=None if args.quiet else bar.on_step)
+        gather=args.gather, progress=None if args.quiet else bar.on_step, **control_kwargs)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
              "CFG rescale": args.guidance_rescale or None, "TI hashes": _ti_hashes(pipe, args),
              "Lora hashes": lora_hashes or None,
-             "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting}
+             "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting,
+             **control_fields}
     written = []
     try:
         while (out := _interruptible(next, batches, None)) is not None:
@@ -339,6 +373,48 @@ def _check_clip_skip(pipe, n: int) -> None:
     except JaxdiffError as e:
         raise UsageError(f"--clip-skip {n} is too deep for this model: {e} (library clip_skip = --clip-skip - 1)"
                          ) from None
+
+
+def _each(values: list, n: int, default) -> list:
+    """A repeatable flag given 0 times (default), once (for all) or n times."""
+    return [default] * n if not values else (values * n if len(values) == 1 else list(values))
+
+
+def _controlnets(pipe, args, size: tuple[int, int]):
+    """--controlnet / --control-* -> (the pipeline with its ControlNets, pipe(...) keyword arguments, the
+    PNG's "ControlNet i" fields in A1111's sd-webui-controlnet style)."""
+    from jaxdiff import images
+    from jaxdiff.preprocess import canny
+    n = len(args.controlnet)
+    nets = [_load_controlnet(Path(path), args.dtype) for path in args.controlnet]
+    pipe = pipe.with_controlnet(nets)
+    scales = _each(args.control_scale, n, 1.0)
+    starts, ends = _each(args.control_start, n, 0.0), _each(args.control_end, n, 1.0)
+    modules = _each(args.control_preprocess, n, "none")
+    for start, end in zip(starts, ends):
+        if start >= end:
+            raise UsageError(f"--control-start {start} must be below --control-end {end}")
+    control = []
+    for path, module in zip(args.control_image, modules):
+        image = images.read_image(path, size)
+        control.append(canny(image, 100, 200) if module == "canny" else image)
+    kwargs = dict(control_image=control[0] if n == 1 else control, controlnet_conditioning_scale=scales,
+                  control_guidance_start=starts, control_guidance_end=ends, guess_mode=args.guess_mode)
+    fields = {}
+    for i in range(n):
+        body = {"Module": modules[i], "Model": Path(args.controlnet[i]).stem,
+                "Weight": scales[i], "Guidance Start": starts[i], "Guidance End": ends[i]}
+        if modules[i] == "canny":
+            body.update({"Threshold A": 100.0, "Threshold B": 200.0})
+        if args.guess_mode:
+            body["Guess Mode"] = True
+        fields[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in body.items())
+    return pipe, kwargs, fields
+
+
+def _load_controlnet(path: Path, dtype: str):
+    from jaxdiff.loading import load_controlnet
+    return load_controlnet(path, dtype)
 
 
 def _round8(size: tuple[int, int]) -> tuple[int, int]:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models.clip import CLIPTextModel, canonical_torch_keys
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+from jaxdiff.models.controlnet import ControlNetConfig, ControlNetModel
 from jaxdiff.models.unet import UNet2DConditionModel
 from jaxdiff.models.vae import AutoencoderKL
 
@@ -45,7 +46,7 @@ class Component:
         self.module = module
         self.params = params
         self.config = config
-        self._apply = jax.jit(module.apply, static_argnames=("method",))
+        self._apply = jax.jit(module.apply, static_argnames=("method", "guess_mode"))
 
     def apply(self, *args, method=None):
         return self._apply({"params": self.params}, *args, method=method)
@@ -66,6 +67,15 @@ class UNet(Component):
             return self.apply(x, jnp.asarray(t), context, added_cond)
         return self._apply({"params": self.params}, x, jnp.asarray(t), context, added_cond,
                            down_residuals=down_residuals, mid_residual=mid_residual)
+
+
+class ControlNet(Component):
+    def __call__(self, x, t, context, controlnet_cond, conditioning_scale=1.0, added_cond=None, *,
+                 guess_mode=False):
+        """x [B, h, w, C], t, context [B, L, D], controlnet_cond [B, H, W, Cc] in [0, 1] ->
+        (down_residuals list, mid_residual) for `UNet(..., down_residuals=, mid_residual=)`."""
+        return self._apply({"params": self.params}, x, jnp.asarray(t), context, controlnet_cond,
+                           jnp.asarray(conditioning_scale, jnp.float32), added_cond, guess_mode=guess_mode)
 
 
 class VAE(Component):
@@ -207,6 +217,12 @@ def _unet_init(cfg: UNetConfig):
     return args, None
 
 
+def _controlnet_init(cfg: ControlNetConfig):
+    (unet_args, _), f = _unet_init(cfg), cfg.image_factor
+    sample, t, context, added = unet_args
+    return (sample, t, context, _zeros((1, 8 * f, 8 * f, cfg.conditioning_channels)), _zeros(()), added), None
+
+
 def _vae_init(cfg: VAEConfig):
     return (_zeros((1, 8, 8, cfg.in_channels)),), None
 
@@ -224,7 +240,10 @@ CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dt
             "model", upstream=("CLIPTextModel", "CLIPTextModelWithProjection"),
             export_class=lambda c: "CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel",
             ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
-ALL_KINDS = (UNET, VAE_KIND, CLIP)
+CONTROLNET = Kind(ControlNet, ControlNetConfig, lambda c, d: ControlNetModel(config=c, dtype=d), _controlnet_init,
+                  "diffusion_pytorch_model", upstream=("ControlNetModel",),
+                  export_class=lambda c: "ControlNetModel")
+ALL_KINDS = (UNET, VAE_KIND, CLIP, CONTROLNET)
 
 _SHAPES_CACHE: dict = {}  # (Kind, config) -> param tree of jax.ShapeDtypeStruct (see Kind.param_shapes)
 

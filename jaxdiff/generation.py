@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import prompts, rng, sharding
-from jaxdiff.conditioning import Cond, bind, cfg, concat, pair, unet_fn
+from jaxdiff.conditioning import Cond, ControlCond, bind, cfg, concat, control, pair, unet_fn
 from jaxdiff.family import ModelFamily
 from jaxdiff.samplers import initial_latents, sample_steps, sampler_state
 from jaxdiff.samplers.core import Plan
@@ -60,6 +60,8 @@ class Spec:
     from_image: bool             # x_T = add_noise(image latents) rather than noise * init_noise_sigma
     return_float: bool           # also return the [0, 1] float images
     latent_size: tuple[int, int]  # (h, w) of the latents
+    control: int = 0             # ControlNets applied (the pipeline's, in order); 0 = none
+    guess_mode: bool = False     # ControlNet guess mode (diffusers' guess_mode, or global_pool_conditions)
 
 
 @flax.struct.dataclass
@@ -76,6 +78,8 @@ class Inputs:
       latents: float32 [B, h, w, C] given unit starting noise.
       image: float32 [B, H, W, 3] init image in [-1, 1].
       mask: float32 [B, H, W, 1] inpainting mask in {0, 1} (1 = repaint).
+      control_image: one float32 [B, H, W, Cc] image in [0, 1] per ControlNet (tuple), or None.
+      control_scale: float32 [B, N] controlnet_conditioning_scale per row and ControlNet, or None.
     """
     index: np.ndarray
     ids: dict
@@ -87,6 +91,8 @@ class Inputs:
     latents: Optional[np.ndarray] = None
     image: Optional[np.ndarray] = None
     mask: Optional[np.ndarray] = None
+    control_image: Optional[tuple] = None
+    control_scale: Optional[np.ndarray] = None
 
 
 @flax.struct.dataclass
@@ -113,11 +119,16 @@ class Models:
     vae: Any
     family: ModelFamily
     scaling_factor: float
+    controlnets: tuple = ()      # ControlNetModel modules (params under params[CONTROLNET], same order)
+
+
+CONTROLNET = "controlnet"  # program params entry: a tuple of ControlNet param trees
 
 
 def models_of(pipe) -> Models:
     return Models(encoders=prompts.encoder_spec(pipe), unet=pipe.unet.module, vae=pipe.vae.module,
-                  family=pipe.family, scaling_factor=float(pipe.vae.config.scaling_factor))
+                  family=pipe.family, scaling_factor=float(pipe.vae.config.scaling_factor),
+                  controlnets=tuple(c.module for c in (getattr(pipe, "controlnet", None) or ())))
 
 
 def _posterior_sample(m: Models, vae_params, images, key, tag, indices):
@@ -175,12 +186,21 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
             blend = (image_latents, mask_latent, noise)
 
     x_T = initial_latents(plan, noise, image_latents if spec.from_image else None)
-    return Prepared(cond=Cond(context=context, added=added, concat=concat_in), index=idx, x_T=x_T, blend=blend)
+    control_in = None
+    if spec.control:
+        control_in = ControlCond(images=tuple(inputs.control_image), scale=inputs.control_scale.astype(jnp.float32),
+                                 keep=jnp.ones((spec.control,), jnp.float32))
+    return Prepared(cond=Cond(context=context, added=added, concat=concat_in, control=control_in), index=idx,
+                    x_T=x_T, blend=blend)
 
 
 def model_fn(m: Models, spec: Spec, params: Mapping[str, Any], guidance: jax.Array):
     """The wrapped UNet (jaxdiff.conditioning): x, t, cond -> the prediction the sampler consumes."""
-    fn = concat(unet_fn(m.unet, params["unet"]))
+    fn = unet_fn(m.unet, params["unet"])
+    if spec.control:
+        fn = control(fn, m.controlnets[:spec.control], tuple(params[CONTROLNET])[:spec.control],
+                     guess_mode=spec.guess_mode)
+    fn = concat(fn)
     return cfg(fn, guidance, rescale=spec.rescale) if spec.cfg else fn
 
 

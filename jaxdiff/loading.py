@@ -32,8 +32,23 @@ PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt",)
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
-def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
+def load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None, controlnet=None,
          prediction_type: str | None = None, prefer_ema: bool = False) -> Pipeline:
+    """Loads a pipeline (see `_load`); `controlnet`: a ControlNet path or component, or a list of them
+    (MultiControlNet), checked against the UNet (Pipeline.with_controlnet)."""
+    pipe = _load(path, dtype, param_dtype=param_dtype, vae=vae, prediction_type=prediction_type,
+                 prefer_ema=prefer_ema)
+    if controlnet is None:
+        return pipe
+    if isinstance(controlnet, (str, Path)) or not isinstance(controlnet, (list, tuple)):
+        controlnet = [controlnet]
+    nets = [load_controlnet(n, dtype, param_dtype=param_dtype) if isinstance(n, (str, Path)) else n
+            for n in controlnet]
+    return pipe.with_controlnet(nets)
+
+
+def _load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
+          prediction_type: str | None = None, prefer_ema: bool = False) -> Pipeline:
     """Loads a pipeline.
 
     Args:
@@ -85,6 +100,34 @@ def _from_hub_cache(name: str) -> Path:
     except LocalEntryNotFoundError:
         raise CheckpointError(f"{name}: no such file or folder, and no Hub model of that id in the local "
                               f"Hugging Face cache (download it first, e.g. `hf download {name}`)") from None
+
+
+def load_controlnet(path, dtype: Any = "float32", *, param_dtype: Any = None):
+    """Loads a ControlNet: a diffusers ControlNetModel folder (config.json + weights) or a single file
+    in the original ControlNet 1.0 / 1.1 layout (.safetensors / .pth / .ckpt; see
+    convert.original_layout.controlnet_to_diffusers).
+
+    Returns a jaxdiff.components.ControlNet (config, module, params), for `jaxdiff.load(base,
+    controlnet=...)` or `Pipeline.with_controlnet`.
+    """
+    from jaxdiff.components import CONTROLNET
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    dtype = jnp.dtype(dtype)
+    param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    if path.is_file():
+        from jaxdiff.single_file import load_controlnet_file
+        return load_controlnet_file(path, dtype, param_dtype)
+    raw = _read_json(path / "config.json")
+    cls = raw.get("_class_name")
+    if cls not in CONTROLNET.upstream:
+        raise ConfigError(f"{path / 'config.json'}: _class_name={cls!r} is not a ControlNetModel")
+    config = CONTROLNET.config_cls.from_dict(raw, str(path / "config.json"))
+    weights = _weights_file(path, CONTROLNET.weight_stem)
+    params = convert_state_dict(read_tensors(weights), CONTROLNET.param_shapes(config), source=str(weights),
+                                ignore=CONTROLNET.ignore)
+    return CONTROLNET.component(config, cast_params(params, param_dtype), dtype)
 
 
 def _read_json(path: Path) -> dict:

@@ -59,10 +59,12 @@ class Pipeline:
     def __init__(self, *, unet: Component, vae: Component, text_encoder: Component | None = None,
                  tokenizer=None, text_encoder_2: Component | None = None, tokenizer_2=None,
                  scheduler_config: Mapping[str, Any] | None = None, pipeline_class: str | None = None,
-                 options: Mapping[str, Any] | None = None, programs: generation.Programs | None = None):
+                 options: Mapping[str, Any] | None = None, programs: generation.Programs | None = None,
+                 controlnet: Sequence[Component] | None = None):
         """`options`: model_index.json pipeline flags jaxdiff honours: "force_zeros_for_empty_prompt"
         (default: True for SDXL base, False for refiners, as the released checkpoints set it).
-        `programs`: compiled programs to share (`with_params` passes its own; None makes new ones)."""
+        `programs`: compiled programs to share (`with_params` passes its own; None makes new ones).
+        `controlnet`: ControlNet components applied to every call (see `with_controlnet`)."""
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -73,6 +75,9 @@ class Pipeline:
         self.pipeline_class = pipeline_class
         self.options = dict(options or {})
         self.family: ModelFamily = family_of(self.components(), self.scheduler_config)
+        self.controlnet: tuple[Component, ...] = tuple(controlnet or ())
+        for net in self.controlnet:
+            check_controlnet(self, net)
         self.embeddings = prompts.TextualInversions.for_pipeline(self)  # textual-inversion terms
         self._programs = programs if programs is not None else generation.Programs(generation.models_of(self))
         self._mesh = None
@@ -126,8 +131,23 @@ class Pipeline:
         comps = {name: c.with_params(merged[name]) for name, c in self.components().items()}
         out = Pipeline(**comps, tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
-                       options=self.options, programs=self._programs)
+                       options=self.options, programs=self._programs, controlnet=self.controlnet)
         out.embeddings = self.embeddings
+        return out
+
+    def with_controlnet(self, controlnet) -> "Pipeline":
+        """This pipeline with ControlNet(s): a jaxdiff.components.ControlNet (`jaxdiff.load_controlnet`),
+        a path, or a list of them (MultiControlNet: residuals summed); [] or None for none. The networks
+        are shared; the programs are new (they run the ControlNets). Each ControlNet must fit the UNet
+        (context width, SDXL-ness, control-image factor = VAE factor): a one-line CheckpointError."""
+        from jaxdiff.loading import load_controlnet
+        nets = controlnet if isinstance(controlnet, (list, tuple)) else ([] if controlnet is None else [controlnet])
+        nets = [load_controlnet(n, self.unet.module.dtype) if isinstance(n, (str, Path)) else n for n in nets]
+        out = Pipeline(**self.components(), tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2,
+                       scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
+                       options=self.options, controlnet=nets)
+        out.embeddings = self.embeddings
+        out._lora = self._lora  # loaded LoRAs stay manageable (set_adapters, unload) on the new pipeline
         return out
 
     def load_textual_inversion(self, path, *, token: str | None = None) -> str:
@@ -203,6 +223,8 @@ class Pipeline:
             if cached is None or cached[0] is not self.embeddings:
                 cached = self._ti_tables = (self.embeddings, self.embeddings.tables())
             out[generation.TEXTUAL_INVERSION] = cached[1]
+        if self.controlnet and generation.CONTROLNET not in out:
+            out[generation.CONTROLNET] = tuple(c.params for c in self.controlnet)
         return out
 
     def _checked_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -210,6 +232,13 @@ class Pipeline:
         own = self.params
         if params is None:
             return own
+        if generation.CONTROLNET in params and self.controlnet:  # other ControlNet weights, same shapes
+            params = dict(params)
+            nets = tuple(params.pop(generation.CONTROLNET))
+            want = [jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), c.params) for c in self.controlnet]
+            if [jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), n) for n in nets] != want:
+                raise JaxdiffError("params['controlnet'] do not match the pipeline's ControlNets' shapes and dtypes")
+            return {**self._checked_params(params), generation.CONTROLNET: nets}
         unknown = sorted(set(params) - set(own))
         if unknown:
             raise JaxdiffError(f"params for {unknown}: this pipeline's components are {sorted(own)}")
@@ -345,6 +374,30 @@ class Pipeline:
             stop = min(start + batch_size, len(rows))
             yield self(rows[start:stop], None if neg_rows is None else neg_rows[start:stop],
                        indices=list(range(start, stop)), **kwargs)
+
+
+def check_controlnet(pipe: "Pipeline", net: Component) -> None:
+    """Refuses a ControlNet that cannot steer this pipeline's UNet, in one line."""
+    from jaxdiff.components import ControlNet
+    if not isinstance(net, ControlNet):
+        raise CheckpointError(f"controlnet: expected a ControlNet (jaxdiff.load_controlnet), got {type(net).__name__}")
+    u, c = pipe.unet.config, net.config
+    problems = []
+    if c.cross_attention_dims[0] != u.cross_attention_dims[0]:
+        problems.append(f"its cross-attention width is {c.cross_attention_dims[0]}, the UNet's "
+                        f"{u.cross_attention_dims[0]}")
+    if c.takes_text_time != u.takes_text_time:
+        problems.append("it is for " + ("SDXL" if c.takes_text_time else "SD 1.x / 2.x") + " and the UNet is not")
+    if tuple(c.block_out_channels) != tuple(u.block_out_channels) or c.layers_per_level != u.layers_per_level:
+        problems.append(f"its blocks {c.block_out_channels} x {c.layers_per_level} differ from the UNet's "
+                        f"{u.block_out_channels} x {u.layers_per_level}")
+    if c.image_factor != pipe.family.vae_factor:
+        problems.append(f"its control encoder downsamples {c.image_factor}x, the VAE {pipe.family.vae_factor}x")
+    if c.in_channels > u.in_channels:
+        problems.append(f"it takes {c.in_channels} latent channels, the UNet {u.in_channels}")
+    if problems:
+        raise CheckpointError(f"controlnet does not fit this model ({pipe.family.name}): "
+                              + "; ".join(problems))
 
 
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:

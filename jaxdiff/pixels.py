@@ -57,3 +57,41 @@ def per_row(x: np.ndarray, rows: int, per_prompt: int, what: str) -> np.ndarray:
     if n * per_prompt == rows:
         return np.repeat(x, per_prompt, axis=0)
     raise JaxdiffError(f"{what}: got {n} of them for {rows} images; pass 1, one per prompt or one per image")
+
+
+def control_images(image, height: int | None, width: int | None, factor: int, channels: int) -> np.ndarray:
+    """A ControlNet's control image(s) as diffusers' `prepare_image` gives them to the model: resized to
+    (height, width) (None: the image's own size rounded down to a multiple of `factor`, diffusers'
+    get_default_height_width) with PIL's Lanczos filter (VaeImageProcessor's default `resample`), in
+    [0, 1] and NOT normalised to [-1, 1] (the control processor has do_normalize=False).
+
+    image: a PIL image, uint8 / float [0, 1] array [H, W, C] or [N, H, W, C], or a list of them.
+    Returns float32 [N, height, width, channels] (grey images for 1-channel ControlNets: PIL's luma).
+    """
+    from PIL import Image
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    arrays = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            item = np.asarray(item.convert("RGB"))
+        arr = as_images(item, "control_image")
+        for a in arr:
+            arrays.append(a)
+    h0, w0 = arrays[0].shape[:2]
+    height = height or h0 - h0 % factor
+    width = width or w0 - w0 % factor
+    out = []
+    for a in arrays:
+        a = rgb(a[None])[0]
+        if a.shape[:2] != (height, width):
+            # Through uint8 as a PIL image, as diffusers resizes a PIL input (numpy input goes the same way
+            # once it is a PIL image); Lanczos (PIL_INTERPOLATION["lanczos"]).
+            pil = Image.fromarray(np.round(a * 255.0).astype(np.uint8))
+            a = np.asarray(pil.resize((width, height), resample=Image.LANCZOS)).astype(np.float32) / 255.0
+        if channels == 1:
+            a = (a @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        elif channels != 3:
+            raise JaxdiffError(f"control_image: this ControlNet takes {channels}-channel images; jaxdiff "
+                               f"prepares 1 or 3")
+        out.append(a)
+    return np.stack(out)

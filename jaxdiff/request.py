@@ -45,7 +45,10 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
           negative_crops_coords_top_left: tuple[int, int] | None = None,
           negative_target_size: tuple[int, int] | None = None,
           aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-          sampler_options: Mapping[str, Any] | None = None, return_float: bool = False) -> Request:
+          sampler_options: Mapping[str, Any] | None = None, return_float: bool = False,
+          control_image=None, controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+          control_guidance_start: float | Sequence[float] = 0.0,
+          control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False) -> Request:
     """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`).
 
     Text goes through jaxdiff.prompts: A1111 weighting and chunks of 75 tokens by default
@@ -71,6 +74,11 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
         height, width = size
     elif mask is not None:
         raise JaxdiffError("mask needs an init image (image=)")
+    nets = tuple(getattr(pipe, "controlnet", None) or ())
+    controls = _control_list(nets, control_image)
+    if controls and height is None and width is None:  # diffusers: the control image's own size
+        first = pixels.control_images(controls[0], None, None, f, nets[0].config.conditioning_channels)
+        height, width = first.shape[1:3]
     height, width = height or family.default_size[0], width or family.default_size[1]
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, (int, np.integer)) or v <= 0 or v % 8 or v % f:
@@ -119,17 +127,72 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
         latents = np.asarray(latents, np.float32)
         if latents.shape != (rows, h, w, c):
             raise JaxdiffError(f"latents must be [B, h, w, C] = {(rows, h, w, c)} (NHWC), got {latents.shape}")
+    control_rows = control_scale = None
+    if nets:
+        control_rows = tuple(
+            pixels.per_row(pixels.control_images(img, height, width, f, net.config.conditioning_channels), rows,
+                           num_images_per_prompt, "control_image") for net, img in zip(nets, controls))
+        scales = _per_net(controlnet_conditioning_scale, len(nets), "controlnet_conditioning_scale")
+        control_scale = np.tile(np.asarray(scales, np.float32)[None], (rows, 1))
+        plan = plan.replace(tables={**plan.tables, "control_keep": control_keep(
+            plan.nfe, _per_net(control_guidance_start, len(nets), "control_guidance_start"),
+            _per_net(control_guidance_end, len(nets), "control_guidance_end"))})
+    elif guess_mode:
+        raise JaxdiffError("guess_mode applies only to a pipeline with a ControlNet")
     inputs = Inputs(index=idx.astype(np.int32), ids=text.ids, weights=text.weights,
                     neg_ids=neg_ids if with_negative else None, neg_weights=neg_weights if with_negative else None,
                     time_ids=time_ids, neg_time_ids=neg_time_ids, latents=latents,
                     # [-1, 1], as diffusers' VaeImageProcessor.normalize
-                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows)
+                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows,
+                    control_image=control_rows, control_scale=control_scale)
     spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                return_float=return_float, latent_size=(h, w))
+                return_float=return_float, latent_size=(h, w), control=len(nets),
+                # diffusers: guess_mode = guess_mode or the (first) ControlNet's global_pool_conditions
+                guess_mode=bool(nets) and (bool(guess_mode) or bool(nets[0].config.global_pool_conditions)))
     return Request(spec=spec, inputs=inputs, plan=plan, seed=rng.check_seed(seed),
                    guidance=np.array([guidance_scale, guidance_rescale], np.float32))
+
+
+def _control_list(nets: tuple, control_image) -> list:
+    """control_image -> one entry per ControlNet (diffusers: a single ControlNet takes an image or a
+    batch; several take a list with one entry each)."""
+    if not nets:
+        if control_image is not None:
+            raise JaxdiffError("control_image needs a ControlNet: jaxdiff.load(base, controlnet=PATH) or "
+                               "pipe.with_controlnet(jaxdiff.load_controlnet(PATH))")
+        return []
+    if control_image is None:
+        raise JaxdiffError(f"this pipeline has {len(nets)} ControlNet(s): pass control_image=")
+    if len(nets) == 1:
+        return [control_image]
+    if not isinstance(control_image, (list, tuple)) or len(control_image) != len(nets):
+        raise JaxdiffError(f"control_image: this pipeline has {len(nets)} ControlNets; pass a list with one "
+                           f"image (or batch) per ControlNet")
+    return list(control_image)
+
+
+def _per_net(value, n: int, name: str) -> list[float]:
+    """A float for all ControlNets or a list with one per ControlNet."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise JaxdiffError(f"{name}: {len(values)} values for {n} ControlNets")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise JaxdiffError(f"{name}={value!r} must be a number or one number per ControlNet") from None
+
+
+def control_keep(nfe: int, starts: Sequence[float], ends: Sequence[float]) -> np.ndarray:
+    """diffusers' controlnet_keep as a table: float32 [K, N], evaluation i keeps ControlNet j unless
+    i / K < start_j or (i + 1) / K > end_j (pipeline_controlnet.py, "Create tensor stating which
+    controlnets to keep"; K = len(timesteps), the model evaluations)."""
+    for s, e in zip(starts, ends):
+        if not 0.0 <= s < e <= 1.0:
+            raise JaxdiffError(f"control_guidance_start={s} / control_guidance_end={e}: need 0 <= start < end <= 1")
+    return np.array([[1.0 - float(i / nfe < s or (i + 1) / nfe > e) for s, e in zip(starts, ends)]
+                     for i in range(nfe)], np.float32)
 
 
 def _mode(family, has_image: bool, has_mask: bool) -> str:

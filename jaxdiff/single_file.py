@@ -136,3 +136,13 @@ def _upstream_config(part: Mapping[str, Any]) -> dict[str, Any]:
         if key in config and config[key] is not None:
             config[key] = list(config[key])
     return config
+
+
+def load_controlnet_file(path, dtype, param_dtype):
+    """A ControlNet 1.0 / 1.1 single file (control_model.* or bare cldm keys; .safetensors or pickled
+    .pth / .ckpt through the allow-list unpickler) -> a ControlNet component."""
+    path = Path(path)
+    tensors, _ = read_file(path)
+    config, state = original_layout.controlnet_to_diffusers(tensors, source=str(path))
+    return build_component({"class_name": "ControlNetModel", "config": config, "tensors": state},
+                           str(path), dtype, param_dtype)

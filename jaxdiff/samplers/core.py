@@ -83,6 +83,8 @@ class SamplerSpec:
 
 
 _REGISTRY: dict[str, SamplerSpec] = {}
+# Plan tables that are the model function's per-evaluation keyword arguments (jaxdiff.conditioning.bind).
+MODEL_TABLES = ("control_keep",)
 # lower-cased alias -> (canonical, implied schedule, schedule when none is given). A1111 display names with a
 # schedule suffix imply it; diffusers class names and InvokeAI's plain names run the checkpoint's own spacing
 # ("default") unless a schedule is given.
@@ -421,7 +423,9 @@ def sample_steps(model_fn: Callable, carry: tuple[jax.Array, Any], plan: Plan, k
             noise = jnp.zeros_like(x)
         if churn:
             x = x + tab["pre_noise"] * noise
-        out = model_fn(x * tab["c_in"], tab["t"])
+        # Per-evaluation model tables (ControlNet's guidance window) go to the model, not the body.
+        extra = {name: tab[name] for name in MODEL_TABLES if name in tab}
+        out = model_fn(x * tab["c_in"], tab["t"], **extra)
         x, hist = spec.body(x, out.astype(jnp.float32), hist, tab, noise)
         if inpaint is not None:
             image, mask, inp_noise = inpaint
