@@ -476,8 +476,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        from jaxdiff.errors import JaxdiffError
+        from jaxdiff.errors import JaxdiffError, NonFiniteImageError
         args.run(args)
+    except NonFiniteImageError as e:  # the request was fine, the model is not: a failure, not a usage error
+        print(f"jaxdiff: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except (UsageError, JaxdiffError) as e:
         print(f"jaxdiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
