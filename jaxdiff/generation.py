@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import prompts, rng, sharding
+from jaxdiff import prompts, rng, sharding, vae_tiling
 from jaxdiff.conditioning import Cond, bind, cfg, concat, pair, unet_fn
 from jaxdiff.errors import NonFiniteImageError
 from jaxdiff.family import ModelFamily
@@ -63,6 +63,7 @@ class Spec:
     return_float: bool           # also return the [0, 1] float images
     latent_size: tuple[int, int]  # (h, w) of the latents
     vae_float32: bool = False    # decode with the VAE in float32 (the redo of a non-finite image)
+    vae_tiles: bool = False      # tiled VAE encode / decode (Pipeline.enable_vae_tiling; jaxdiff.vae_tiling)
 
 
 @flax.struct.dataclass
@@ -138,10 +139,31 @@ def vae_at(m: Models, vae_params, float32: bool):
     return m.vae.clone(dtype=jnp.float32), up
 
 
-def _posterior_sample(m: Models, vae_params, images, key, tag, indices):
+def vae_encode(m: Models, vae_params, images, *, tiles: bool, float32: bool):
+    """images [B, H, W, 3] in [-1, 1] -> the posterior (jaxdiff.models.vae.DiagonalGaussian), tiled as
+    diffusers' enable_tiling() when `tiles` and the image is larger than one tile."""
+    vae, vae_params = vae_at(m, vae_params, float32)
+    if not (tiles and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))):
+        return vae.apply({"params": vae_params}, images, method="encode")
+    from jaxdiff.models.vae import posterior
+    moments_fn = lambda x: vae.apply({"params": vae_params}, x, method="encode_moments")
+    moments = vae_tiling.encode_moments_tiled(moments_fn, images, m.vae.config)
+    return posterior(moments, m.vae.config.latent_channels)
+
+
+def vae_decode(m: Models, vae_params, z, *, tiles: bool, float32: bool) -> jax.Array:
+    """Unscaled latents [B, h, w, C] -> float32 images [B, H, W, 3] in about [-1, 1], tiled as diffusers'
+    enable_tiling() when `tiles` and the latents are larger than one tile."""
+    vae, vae_params = vae_at(m, vae_params, float32)
+    decode_fn = lambda zt: vae.apply({"params": vae_params}, zt, method="decode").astype(jnp.float32)
+    if tiles and vae_tiling.needs_tiles(z.shape[1:3], vae_tiling.decode_tiling(m.vae.config)):
+        return vae_tiling.decode_tiled(decode_fn, z, m.vae.config)
+    return decode_fn(z)
+
+
+def _posterior_sample(m: Models, vae_params, images, key, tag, indices, tiles: bool = False):
     """Scaled latents of a sample from q(z | images): (mean + std * noise) * scaling_factor. [B, h, w, C]"""
-    vae, vae_params = vae_at(m, vae_params, m.vae_upcast)
-    post = vae.apply({"params": vae_params}, images, method="encode")
+    post = vae_encode(m, vae_params, images, tiles=tiles, float32=m.vae_upcast)
     mean, logvar = post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32)
     noise = rng.per_sample_noise(rng.stream(key, tag), indices, mean.shape[1:])
     return (mean + jnp.exp(0.5 * logvar) * noise) * m.scaling_factor
@@ -180,13 +202,15 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
 
     image_latents = concat_in = blend = None
     if spec.mode != "txt2img" and (spec.mode in ("img2img", "inpaint_blend") or spec.from_image):
-        image_latents = _posterior_sample(m, params["vae"], inputs.image, key, rng.IMAGE_POSTERIOR, idx)
+        image_latents = _posterior_sample(m, params["vae"], inputs.image, key, rng.IMAGE_POSTERIOR, idx,
+                                          spec.vae_tiles)
     if spec.mode in ("inpaint", "inpaint_blend"):
         f = m.family.vae_factor
         mask_latent = inputs.mask[:, ::f, ::f, :]  # torch interpolate(nearest) to (h, w) picks pixel (f*i, f*j)
         if spec.mode == "inpaint":
             masked = inputs.image * (inputs.mask < 0.5).astype(inputs.image.dtype)
-            masked_latents = _posterior_sample(m, params["vae"], masked, key, rng.MASKED_POSTERIOR, idx)
+            masked_latents = _posterior_sample(m, params["vae"], masked, key, rng.MASKED_POSTERIOR, idx,
+                                               spec.vae_tiles)
             concat_in = jnp.concatenate([mask_latent, masked_latents], axis=-1)  # [B, h, w, 1 + C]
             if spec.cfg:
                 concat_in = pair(concat_in, concat_in)
@@ -214,8 +238,8 @@ def denoise(m: Models, spec: Spec, params: Mapping[str, Any], prep: Prepared, ca
 def decode(m: Models, spec: Spec, params: Mapping[str, Any], x0: jax.Array) -> dict[str, jax.Array]:
     """Final latents [B, h, w, C] -> `program`'s outputs, plus "finite": bool [B], every row holding
     whether the WHOLE batch decoded to finite numbers (so each process can read its own rows)."""
-    vae, vae_params = vae_at(m, params["vae"], m.vae_upcast or spec.vae_float32)
-    decoded = vae.apply({"params": vae_params}, x0 / m.scaling_factor, method="decode").astype(jnp.float32)
+    decoded = vae_decode(m, params["vae"], x0 / m.scaling_factor, tiles=spec.vae_tiles,
+                         float32=m.vae_upcast or spec.vae_float32)
     finite = jnp.broadcast_to(jnp.all(jnp.isfinite(decoded)), decoded.shape[:1])
     pixels = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
     out = {"images": jnp.round(pixels * 255.0).astype(jnp.uint8), "latents": x0, "finite": finite}

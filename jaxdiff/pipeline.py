@@ -78,6 +78,7 @@ class Pipeline:
         self._mesh = None
         self._ti_tables = None  # (TextualInversions, its tables): rebuilt when the terms change
         self._lora = None       # jaxdiff.adapters.AdapterSet over the weights the first LoRA was loaded on
+        self.vae_tiling = False  # enable_vae_tiling()
 
     @classmethod
     def from_parts(cls, networks: Mapping[str, Component], tokenizers: Mapping[str, Any],
@@ -128,7 +129,16 @@ class Pipeline:
                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
                        options=self.options, programs=self._programs)
         out.embeddings = self.embeddings
+        out.vae_tiling = self.vae_tiling
         return out
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode images larger than the VAE's `sample_size` in overlapping tiles, blended as
+        diffusers' `vae.enable_tiling()` (jaxdiff.vae_tiling): memory of one tile, whatever the size."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
 
     def load_textual_inversion(self, path, *, token: str | None = None) -> str:
         """Adds a textual-inversion embedding (diffusers' name): A1111 `.safetensors` (`emb_params`),

@@ -127,7 +127,8 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                return_float=return_float, latent_size=(h, w))
+                return_float=return_float, latent_size=(h, w),
+                vae_tiles=bool(getattr(pipe, "vae_tiling", False)))
     return Request(spec=spec, inputs=inputs, plan=plan, key=rng.request_key(seed),
                    guidance=np.array([guidance_scale, guidance_rescale], np.float32))
 

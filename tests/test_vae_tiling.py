@@ -1,0 +1,108 @@
+"""Tiled VAE (Pipeline.enable_vae_tiling) against diffusers' AutoencoderKL.enable_tiling().
+
+The tiny sd1 pipeline's VAE (factor 2) with sample_size=16: 16-pixel / 8-latent tiles, stride 6
+latents (12 pixels), blend 4 pixels; 20x28 latents give tiles cut short at both edges (four tile
+shapes). The VAE alone agrees to 1e-4 of the output scale (float32 both sides); the pipelines' images
+within 1/255 (uint8 within 1, as tests/test_generation.py).
+"""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+import jaxdiff
+from jaxdiff import generation, rng, sharding
+from tests import helpers
+
+H, W = 40, 56  # pixels: 20x28 latents
+TILE = 16
+PROMPTS = ["a red panda", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiled(tiny_pipeline, tmp_path_factory):
+    """(diffusers sd1 pipeline with a tiling VAE, jaxdiff pipeline with tiling on, folder)."""
+    ref, _, base = tiny_pipeline("sd1")
+    folder = tmp_path_factory.mktemp("tiling") / "sd1"
+    shutil.copytree(base, folder)
+    config_file = folder / "vae" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sample_size": TILE}))
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    vae.enable_tiling()
+    components = {**ref.components, "vae": vae,
+                  "scheduler": EulerDiscreteScheduler.from_config(ref.scheduler.config, use_karras_sigmas=False)}
+    torch_pipe = type(ref)(**components)
+    torch_pipe.set_progress_bar_config(disable=True)
+    pipe = jaxdiff.load(folder)
+    pipe.enable_vae_tiling()
+    return torch_pipe, pipe, folder
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+    return sharding.make_mesh(jax.devices()[:1])
+
+
+def _close(got, want, what):
+    got = np.asarray(got)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+    assert err <= 1e-4 * scale, f"{what}: {err:.3g} > 1e-4 * {scale:.3g}"
+
+
+def test_tiled_decode_and_encode_match_diffusers(tiled):
+    torch_pipe, pipe, _ = tiled
+    m = generation.models_of(pipe)
+    z = np.random.default_rng(0).standard_normal((2, H // 2, W // 2, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = helpers.nhwc(torch_pipe.vae.decode(helpers.nchw(z)).sample)
+    decode = jax.jit(lambda p, z, tiles: generation.vae_decode(m, p, z, tiles=tiles, float32=False),
+                     static_argnums=2)
+    _close(decode(pipe.vae.params, z, True), want, "tiled decode")
+    assert np.abs(np.asarray(decode(pipe.vae.params, z, False)) - want).max() > 1e-3  # tiling mattered
+
+    images = np.random.default_rng(1).uniform(-1, 1, (2, H, W, 3)).astype(np.float32)
+    with torch.no_grad():
+        post = torch_pipe.vae.encode(helpers.nchw(images)).latent_dist
+    got = jax.jit(lambda p, x: generation.vae_encode(m, p, x, tiles=True, float32=False))(pipe.vae.params, images)
+    _close(got.mean, helpers.nhwc(post.mean), "tiled encode mean")
+    _close(got.logvar, helpers.nhwc(post.logvar), "tiled encode logvar")
+
+
+def _u8_diff(out, want) -> int:
+    return int(np.abs(out.images.astype(int) - (want * 255).round().astype(int)).max())
+
+
+def test_tiled_txt2img_matches_diffusers(tiled, mesh1):
+    torch_pipe, pipe, _ = tiled
+    noise = rng.request_noise(4, np.arange(2), (H // 2, W // 2, 4))["start"]
+    out = pipe(PROMPTS, height=H, width=W, steps=2, sampler="euler", schedule=None, guidance_scale=7.5,
+               seed=4, mesh=mesh1, return_float=True)
+    want = torch_pipe(PROMPTS, height=H, width=W, num_inference_steps=2, guidance_scale=7.5,
+                      latents=helpers.nchw(noise), output_type="np").images
+    assert want.std() > 0.01
+    assert _u8_diff(out, want) <= 1 and np.abs(out.pixels - want).max() <= 1 / 255
+
+
+def test_tiled_img2img_matches_diffusers(tiled, mesh1, monkeypatch):
+    import diffusers.models.autoencoders.vae as vae_mod
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as mod
+    torch_pipe, pipe, _ = tiled
+    i2i = StableDiffusionImg2ImgPipeline(**torch_pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(2).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
+    noises = rng.request_noise(6, np.arange(2), (H // 2, W // 2, 4))
+    for module, noise in ((mod, noises["start"]), (vae_mod, noises["image_posterior"])):
+        queue = [noise]
+        monkeypatch.setattr(module, "randn_tensor",
+                            lambda shape, generator=None, device=None, dtype=None, layout=None, q=queue:
+                            helpers.nchw(q.pop(0)).to(dtype or torch.float32))
+    out = pipe(PROMPTS, image=image, strength=0.6, steps=3, sampler="euler", schedule=None, guidance_scale=7.5,
+               seed=6, mesh=mesh1, return_float=True)
+    want = i2i(PROMPTS, image=image.astype(np.float32) / 255.0, strength=0.6, num_inference_steps=3,
+               guidance_scale=7.5, output_type="np").images
+    assert _u8_diff(out, want) <= 1 and np.abs(out.pixels - want).max() <= 1 / 255
