@@ -64,6 +64,8 @@ class Spec:
     latent_size: tuple[int, int]  # (h, w) of the latents
     vae_float32: bool = False    # decode with the VAE in float32 (the redo of a non-finite image)
     vae_tiles: bool = False      # tiled VAE encode / decode (Pipeline.enable_vae_tiling; jaxdiff.vae_tiling)
+    image_latents: bool = False  # inputs.image holds scaled latents [B, h, w, C] (SDXL refiner hand-off)
+    latent_output: bool = False  # output_type="latent": no decode, latents only
 
 
 @flax.struct.dataclass
@@ -201,7 +203,9 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
         noise = rng.per_sample_noise(rng.stream(key, rng.START_NOISE), idx, (h, w, c))
 
     image_latents = concat_in = blend = None
-    if spec.mode != "txt2img" and (spec.mode in ("img2img", "inpaint_blend") or spec.from_image):
+    if spec.image_latents:
+        image_latents = inputs.image.astype(jnp.float32)
+    elif spec.mode != "txt2img" and (spec.mode in ("img2img", "inpaint_blend") or spec.from_image):
         image_latents = _posterior_sample(m, params["vae"], inputs.image, key, rng.IMAGE_POSTERIOR, idx,
                                           spec.vae_tiles)
     if spec.mode in ("inpaint", "inpaint_blend"):
@@ -238,6 +242,8 @@ def denoise(m: Models, spec: Spec, params: Mapping[str, Any], prep: Prepared, ca
 def decode(m: Models, spec: Spec, params: Mapping[str, Any], x0: jax.Array) -> dict[str, jax.Array]:
     """Final latents [B, h, w, C] -> `program`'s outputs, plus "finite": bool [B], every row holding
     whether the WHOLE batch decoded to finite numbers (so each process can read its own rows)."""
+    if spec.latent_output:
+        return {"latents": x0, "finite": jnp.ones(x0.shape[:1], bool)}
     decoded = vae_decode(m, params["vae"], x0 / m.scaling_factor, tiles=spec.vae_tiles,
                          float32=m.vae_upcast or spec.vae_float32)
     finite = jnp.broadcast_to(jnp.all(jnp.isfinite(decoded)), decoded.shape[:1])

@@ -362,12 +362,13 @@ def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOut
     from jaxdiff import sharding
     if gather == "local":
         got = {k: sharding.local_rows(v, n) for k, v in out.items()}
-        rows = got["images"][1]
-        return GenerationOutput(images=got["images"][0], latents=got["latents"][0], indices=index[rows],
+        rows = got["latents"][1]
+        return GenerationOutput(images=got["images"][0] if "images" in got else None, latents=got["latents"][0],
+                                indices=index[rows],
                                 pixels=got["pixels"][0] if "pixels" in got else None)
     host = sharding.gather(out, host0_only=gather == "host0")
     if host is None:
         return GenerationOutput(images=None, latents=None, indices=np.zeros(0, np.int64))
     host = sharding.trim(host, n)
-    return GenerationOutput(images=host["images"], latents=host["latents"], indices=index[:n].astype(np.int64),
+    return GenerationOutput(images=host.get("images"), latents=host["latents"], indices=index[:n].astype(np.int64),
                             pixels=host.get("pixels"))
