@@ -151,6 +151,12 @@ def register_generate(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
     p.add_argument("--vae", metavar="PATH",  # issue 18
                    help="a separate VAE: an LDM VAE file (.safetensors/.ckpt) or a diffusers AutoencoderKL folder")
+    p.add_argument("--refiner", metavar="PATH",
+                   help="SDXL ensemble of experts: this refiner finishes each image from --refiner-switch")
+    p.add_argument("--refiner-switch", metavar="X", type=_float_in(0.0, 1.0, open_low=True), default=0.8,
+                   help="fraction of the noise schedule the base runs before the refiner (default 0.8)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode / encode in overlapping tiles (diffusers' enable_tiling): large images fit")
     p.add_argument("--compile-cache", metavar="DIR", default=_default_cache_dir(),
                    help="JAX persistent compilation cache (default $JAXDIFF_CACHE or ~/.cache/jaxdiff/xla)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
@@ -236,6 +242,15 @@ def _generate(args) -> None:
     _check_clip_skip(pipe, args.clip_skip)
     _load_embeddings(pipe, args)
     texts_for_model, lora_hashes = _load_loras(pipe, args, texts)
+    refiner = None
+    if args.refiner is not None:
+        if init is not None:
+            raise UsageError("--refiner runs after text-to-image; it does not take --init-image")
+        refiner = _load(Path(args.refiner), args.dtype)
+    for p in (pipe, refiner):
+        if p is not None and args.vae_tiling:
+            p.enable_vae_tiling()
+    handoff = {} if refiner is None else {"denoising_end": args.refiner_switch, "output_type": "latent"}
 
     # One request over every prompt: image i (prompt i // per_prompt) uses sample index i, so the files
     # equal `pipe(texts, num_images_per_prompt=per_prompt, seed=...)` whatever --batch is.
@@ -248,7 +263,10 @@ def _generate(args) -> None:
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
-        gather=args.gather, progress=None if args.quiet else bar.on_step)
+        gather="all" if refiner is not None else args.gather, progress=None if args.quiet else bar.on_step,
+        **handoff)
+    if refiner is not None:
+        batches = _refined(refiner, batches, texts_for_model, per_prompt, args, sampler=sampler, schedule=schedule)
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
              "CFG rescale": args.guidance_rescale or None, "TI hashes": pipe.embeddings.hashes() or None,
              "Lora hashes": lora_hashes or None,
@@ -269,6 +287,16 @@ def _generate(args) -> None:
         bar.close()
     if written:
         print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _refined(refiner, batches, texts: list[str], per_prompt: int, args, *, sampler, schedule):
+    """Each base batch's latents finished by the refiner from --refiner-switch (diffusers' hand-off)."""
+    for out in batches:
+        rows = [texts[int(i) // per_prompt] for i in out.indices]
+        yield refiner(rows, None if args.negative is None else [args.negative] * len(rows), image=out.latents,
+                      denoising_start=args.refiner_switch, steps=args.steps, sampler=sampler, schedule=schedule,
+                      guidance_scale=args.guidance, seed=args.seed, indices=[int(i) for i in out.indices],
+                      gather=args.gather)
 
 
 def _load_loras(pipe, args, texts: list[str]) -> tuple[list[str], str]:

@@ -56,3 +56,22 @@ def test_handoff_errors(tiny_pipeline, mesh1):
         base("x", height=H, width=W, steps=2, denoising_start=0.5, mesh=mesh1)
     with pytest.raises(JaxdiffError, match="output_type"):
         base("x", height=H, width=W, steps=2, output_type="torch", mesh=mesh1)
+
+
+def test_cli_refiner_writes_the_library_image(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    from jaxdiff import cli
+    _, base, base_folder = tiny_pipeline("sdxl")
+    _, refiner, refiner_folder = tiny_pipeline("sdxl_refiner")
+    out_dir = tmp_path / "out"
+    rc = cli.main(["generate", "a red panda", "--model", str(base_folder), "--refiner", str(refiner_folder),
+                   "--refiner-switch", str(SWITCH), "--steps", "4", "--sampler", "euler", "--seed", "3",
+                   "--out", str(out_dir), "--no-compile-cache", "--quiet"])
+    assert rc == 0
+    (png,) = sorted(out_dir.glob("*.png"))
+    kw = dict(steps=4, sampler="euler", guidance_scale=7.5, seed=3)
+    latents = base("a red panda", denoising_end=SWITCH, output_type="latent", **kw).latents
+    want = refiner("a red panda", image=latents, denoising_start=SWITCH, **kw).images[0]
+    got = np.asarray(Image.open(png).convert("RGB"))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
