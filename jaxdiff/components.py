@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxdiff.models.clip import CLIPTextModel, canonical_torch_keys
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
 from jaxdiff.models.unet import UNet2DConditionModel
+from jaxdiff.models.taesd import AutoencoderTiny, TinyVAEConfig
 from jaxdiff.models.vae import AutoencoderKL
 
 
@@ -76,6 +77,10 @@ class VAE(Component):
     def decode(self, z):
         """Unscaled latents [B, h, w, 4] -> images [B, H, W, 3] in [-1, 1]."""
         return self.apply(z, method="decode")
+
+
+class TinyVAE(VAE):
+    """AutoencoderTiny (TAESD): the same encode / decode contract; encode's posterior has zero spread."""
 
 
 class TextEncoder(Component):
@@ -211,6 +216,11 @@ def _vae_init(cfg: VAEConfig):
     return (_zeros((1, 8, 8, cfg.in_channels)),), None
 
 
+def _tiny_vae_init(cfg: TinyVAEConfig):
+    side = 2 * cfg.downsample_factor
+    return (_zeros((1, side, side, cfg.in_channels)),), None
+
+
 def _clip_init(cfg: CLIPTextConfig):
     return (_zeros((1, cfg.max_position_embeddings), jnp.int32),), None
 
@@ -224,7 +234,10 @@ CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dt
             "model", upstream=("CLIPTextModel", "CLIPTextModelWithProjection"),
             export_class=lambda c: "CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel",
             ignore=("*.position_ids",), canonical_keys=canonical_torch_keys)
-ALL_KINDS = (UNET, VAE_KIND, CLIP)
+TAESD_KIND = Kind(TinyVAE, TinyVAEConfig, lambda c, d: AutoencoderTiny(config=c, dtype=d), _tiny_vae_init,
+                  "diffusion_pytorch_model", upstream=("AutoencoderTiny",), export_class=lambda c: "AutoencoderTiny")
+# TAESD before VAE_KIND: kind_of() takes the first wrapper a component is an instance of (TinyVAE is a VAE).
+ALL_KINDS = (UNET, TAESD_KIND, VAE_KIND, CLIP)
 
 _SHAPES_CACHE: dict = {}  # (Kind, config) -> param tree of jax.ShapeDtypeStruct (see Kind.param_shapes)
 

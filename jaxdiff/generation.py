@@ -141,11 +141,16 @@ def vae_at(m: Models, vae_params, float32: bool):
     return m.vae.clone(dtype=jnp.float32), up
 
 
+def _tileable(m: Models) -> bool:
+    """AutoencoderKL tiles (diffusers' rules need config.sample_size); TAESD is small enough not to."""
+    return getattr(m.vae.config, "sample_size", None) is not None
+
+
 def vae_encode(m: Models, vae_params, images, *, tiles: bool, float32: bool):
     """images [B, H, W, 3] in [-1, 1] -> the posterior (jaxdiff.models.vae.DiagonalGaussian), tiled as
     diffusers' enable_tiling() when `tiles` and the image is larger than one tile."""
     vae, vae_params = vae_at(m, vae_params, float32)
-    if not (tiles and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))):
+    if not (tiles and _tileable(m) and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))):
         return vae.apply({"params": vae_params}, images, method="encode")
     from jaxdiff.models.vae import posterior
     moments_fn = lambda x: vae.apply({"params": vae_params}, x, method="encode_moments")
@@ -158,7 +163,7 @@ def vae_decode(m: Models, vae_params, z, *, tiles: bool, float32: bool) -> jax.A
     enable_tiling() when `tiles` and the latents are larger than one tile."""
     vae, vae_params = vae_at(m, vae_params, float32)
     decode_fn = lambda zt: vae.apply({"params": vae_params}, zt, method="decode").astype(jnp.float32)
-    if tiles and vae_tiling.needs_tiles(z.shape[1:3], vae_tiling.decode_tiling(m.vae.config)):
+    if tiles and _tileable(m) and vae_tiling.needs_tiles(z.shape[1:3], vae_tiling.decode_tiling(m.vae.config)):
         return vae_tiling.decode_tiled(decode_fn, z, m.vae.config)
     return decode_fn(z)
 
