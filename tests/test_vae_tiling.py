@@ -106,3 +106,31 @@ def test_tiled_img2img_matches_diffusers(tiled, mesh1, monkeypatch):
     want = i2i(PROMPTS, image=image.astype(np.float32) / 255.0, strength=0.6, num_inference_steps=3,
                guidance_scale=7.5, output_type="np").images
     assert _u8_diff(out, want) <= 1 and np.abs(out.pixels - want).max() <= 1 / 255
+
+
+def test_oversize_request_is_refused_in_seconds_with_one_line(tiny_pipeline, tmp_path, capsys):
+    import time
+
+    from jaxdiff import cli
+    _, _, folder = tiny_pipeline("sd1")
+    capsys.readouterr()  # the fixture's own output
+    start = time.monotonic()
+    rc = cli.main(["generate", "a cat", "--model", str(folder), "--height", "65536", "--width", "65536",
+                   "--out", str(tmp_path / "out"), "--no-compile-cache", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "65536x65536" in err and "largest square image that fits" in err and "VAE tiling" in err
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_memory_estimate_grows_with_size_and_tiling_bounds_the_vae(tiled):
+    from jaxdiff import memory_guard
+    _, pipe, _ = tiled
+    small = memory_guard.estimate(pipe, 64, 64, 1, True, False, 1)
+    big = memory_guard.estimate(pipe, 4096, 4096, 1, True, False, 1)
+    tiled_big = memory_guard.estimate(pipe, 4096, 4096, 1, True, True, 1)
+    assert small < big and tiled_big <= big  # tiny model (factor 2): the UNet term dominates here
+    budget = memory_guard.estimate(pipe, 2048, 2048, 1, True, False, 1)
+    side = memory_guard.largest_square(pipe, 1, True, False, 1, budget)
+    assert 1984 <= side <= 2048
