@@ -150,7 +150,8 @@ def vae_encode(m: Models, vae_params, images, *, tiles: bool, float32: bool):
     """images [B, H, W, 3] in [-1, 1] -> the posterior (jaxdiff.models.vae.DiagonalGaussian), tiled as
     diffusers' enable_tiling() when `tiles` and the image is larger than one tile."""
     vae, vae_params = vae_at(m, vae_params, float32)
-    if not (tiles and _tileable(m) and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))):
+    tiled = tiles and _tileable(m) and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))
+    if not tiled:
         return vae.apply({"params": vae_params}, images, method="encode")
     from jaxdiff.models.vae import posterior
     moments_fn = lambda x: vae.apply({"params": vae_params}, x, method="encode_moments")
