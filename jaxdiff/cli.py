@@ -148,6 +148,10 @@ def register_generate(sub) -> None:
     p.add_argument("--strength", metavar="X", type=_float_in(0.0, 1.0, open_low=True),
                    help="how much of the init image is re-noised, in (0, 1] (default 0.75; 1.0 with --mask)")
     p.add_argument("--mask", metavar="FILE", help="inpainting mask (white = repaint); needs --init-image")
+    p.add_argument("--mask-blur", metavar="PX", type=_float_in(0.0, 64.0), default=4.0,
+                   help="Gaussian blur of the mask in pixels (A1111's Mask blur; default 4)")
+    p.add_argument("--no-paste-back", action="store_true",
+                   help="keep the decoded pixels outside the mask instead of pasting the original back (A1111 pastes)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
     p.add_argument("--vae", metavar="PATH",  # issue 18
                    help="a separate VAE: an LDM VAE file (.safetensors/.ckpt) or a diffusers AutoencoderKL folder")
@@ -264,10 +268,12 @@ def _generate(args) -> None:
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
         gather="all" if refiner is not None else args.gather, progress=None if args.quiet else bar.on_step,
-        **handoff)
+        **handoff, **({} if mask is None else {"mask_blur": args.mask_blur, "paste_back": not args.no_paste_back}))
     if refiner is not None:
         batches = _refined(refiner, batches, texts_for_model, per_prompt, args, sampler=sampler, schedule=schedule)
+    blur = int(args.mask_blur) if float(args.mask_blur).is_integer() else args.mask_blur
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
+             "Mask blur": blur if mask is not None else None,
              "CFG rescale": args.guidance_rescale or None, "TI hashes": pipe.embeddings.hashes() or None,
              "Lora hashes": lora_hashes or None,
              "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting}

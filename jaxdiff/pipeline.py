@@ -266,7 +266,8 @@ class Pipeline:
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  gather: str = "all", mesh=None, params: Mapping[str, Any] | None = None,
-                 progress: Callable[[int, int], None] | None = None, **options) -> GenerationOutput:
+                 progress: Callable[[int, int], None] | None = None, paste_back: bool = False,
+                 **options) -> GenerationOutput:
         """Generate images: txt2img, img2img (`image`), inpainting (`image` + `mask`).
 
         Args:
@@ -292,9 +293,13 @@ class Pipeline:
           latents: unit-variance starting noise [B, h, w, C] NHWC (replaces the seeded start noise).
           image: init image(s): uint8 or float in [0, 1], [H, W, 3] or [1 | P | B, H, W, 3].
           strength: img2img / inpaint strength in (0, 1]; default 0.75 for img2img, 1.0 for inpainting.
-          mask: inpainting mask, white (>= 0.5) = repaint: [H, W], [H, W, 1|3] or with a leading
-            1 | P | B axis, uint8 or float in [0, 1]. 9-channel UNets get mask + masked-image latents;
+          mask: inpainting mask, white = repaint: [H, W], [H, W, 1|3] or with a leading
+            1 | P | B axis, uint8 or float in [0, 1]; grey is a partial repaint (kept soft, as A1111).
+            9-channel UNets get mask + masked-image latents (the pixels where mask < 0.5);
             4-channel UNets blend the known region back after every step.
+          mask_blur: A1111's Gaussian blur of the mask, in pixels (default 0).
+          paste_back: paste the original pixels over the area the mask keeps after decoding, blended
+            by the (blurred) mask (A1111's behaviour; default False, as diffusers).
           indices: sample index of each of the B images (default 0..B-1): image i of a batch equals the
             same request made with indices=[i].
           original_size, crops_coords_top_left, target_size, negative_*: SDXL size conditioning
@@ -323,7 +328,10 @@ class Pipeline:
         on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
         out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.key,
                                    req.guidance, on_step=on_step)
-        return _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
+        got = _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
+        if paste_back and req.inputs.mask is not None and got.images is not None:
+            got = _pasted(got, req.inputs)
+        return got
 
     def lower(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
               mesh=None, params: Mapping[str, Any] | None = None, **options) -> jax.stages.Lowered:
@@ -359,6 +367,15 @@ class Pipeline:
             stop = min(start + batch_size, len(rows))
             yield self(rows[start:stop], None if neg_rows is None else neg_rows[start:stop],
                        indices=list(range(start, stop)), **kwargs)
+
+
+def _pasted(got: GenerationOutput, inputs) -> GenerationOutput:
+    """A1111's paste-back (jaxdiff.inpaint_masks) on the rows this process holds."""
+    from jaxdiff.inpaint_masks import paste_back
+    pos = np.array([int(np.flatnonzero(np.asarray(inputs.index) == i)[0]) for i in got.indices], np.int64)
+    original = (np.asarray(inputs.image)[pos] + 1.0) / 2.0
+    images, pixels = paste_back(got.images, got.pixels, original, np.asarray(inputs.mask)[pos])
+    return dataclasses.replace(got, images=images, pixels=pixels)
 
 
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:

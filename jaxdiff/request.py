@@ -47,7 +47,7 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
           aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
           sampler_options: Mapping[str, Any] | None = None, return_float: bool = False,
           denoising_start: float | None = None, denoising_end: float | None = None,
-          output_type: str = "np") -> Request:
+          output_type: str = "np", mask_blur: float = 0.0) -> Request:
     """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`).
 
     Text goes through jaxdiff.prompts: A1111 weighting and chunks of 75 tokens by default
@@ -94,7 +94,8 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     h, w = height // f, width // f
 
     if mask is not None:
-        mask_rows = pixels.per_row(pixels.as_mask(mask), rows, num_images_per_prompt, "mask")
+        from jaxdiff.inpaint_masks import blur
+        mask_rows = blur(pixels.per_row(pixels.as_mask(mask), rows, num_images_per_prompt, "mask"), mask_blur)
         if mask_rows.shape[1:3] != (height, width):
             raise JaxdiffError(f"mask is {mask_rows.shape[1]}x{mask_rows.shape[2]} but the image is "
                                f"{height}x{width}")
