@@ -87,18 +87,23 @@ def largest_square(pipe, rows: int, cfg: bool, tiled: bool, devices: int, budget
     return lo
 
 
-def check(pipe, height: int, width: int, rows: int, cfg: bool, tiled: bool, devices: int) -> None:
-    """Raises a one-line error when the request cannot fit (nothing is compiled or allocated first)."""
+def check(pipe, height: int, width: int, rows: int, cfg: bool, tiled: bool, devices: int) -> bool:
+    """Raises a one-line error when the request cannot fit (nothing is compiled or allocated first).
+
+    Returns True when it fits only with a tiled VAE (the caller then tiles: the issue's automatic tiling)."""
     budget = device_bytes()
     if budget is None:
-        return
+        return False
     need = estimate(pipe, height, width, rows, cfg, tiled, devices)
     if need <= budget:
-        return
+        return False
+    tileable = getattr(pipe.vae.config, "sample_size", None) is not None
+    if not tiled and tileable and estimate(pipe, height, width, rows, cfg, True, devices) <= budget:
+        return True
     gib = 1024 ** 3
     side = largest_square(pipe, rows, cfg, tiled, devices, budget)
     hint = ""
-    if not tiled and getattr(pipe.vae.config, "sample_size", None) is not None:
+    if not tiled and tileable:
         hint = (f"; with VAE tiling (pipe.enable_vae_tiling(), --vae-tiling) about "
                 f"{largest_square(pipe, rows, cfg, True, devices, budget)}^2")
     raise MemoryError_(f"a {height}x{width} request ({rows} image(s)) needs about {need / gib:.1f} GiB per device "

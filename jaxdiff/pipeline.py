@@ -323,8 +323,10 @@ class Pipeline:
         req = requests.build(self, prompt, negative_prompt, **options)
         from jaxdiff import memory_guard  # refuses, before compiling, a request that cannot fit
         h, w = req.spec.latent_size
-        memory_guard.check(self, h * self.family.vae_factor, w * self.family.vae_factor, req.rows, req.spec.cfg,
-                           req.spec.vae_tiles, self.runner(mesh).mesh.size)
+        if memory_guard.check(self, h * self.family.vae_factor, w * self.family.vae_factor, req.rows, req.spec.cfg,
+                              req.spec.vae_tiles, self.runner(mesh).mesh.size):
+            # Fits only with a tiled VAE: tile this request (diffusers' rules; jaxdiff.vae_tiling).
+            req = dataclasses.replace(req, spec=dataclasses.replace(req.spec, vae_tiles=True))
         on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
         out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.key,
                                    req.guidance, on_step=on_step)

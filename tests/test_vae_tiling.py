@@ -134,3 +134,36 @@ def test_memory_estimate_grows_with_size_and_tiling_bounds_the_vae(tiled):
     budget = memory_guard.estimate(pipe, 2048, 2048, 1, True, False, 1)
     side = memory_guard.largest_square(pipe, 1, True, False, 1, budget)
     assert 1984 <= side <= 2048
+
+
+def test_request_that_fits_only_tiled_is_tiled(tiled, monkeypatch):
+    from jaxdiff import memory_guard
+    _, pipe, _ = tiled
+    args = (pipe, 4096, 4096, 1, False)
+    # The tiny UNet works at half the image size (VAE factor 2), so its term dominates; make it small so
+    # the decode is the peak, as it is for SD's factor-8 VAE.
+    monkeypatch.setattr(memory_guard, "UNET_LIVE", 1)
+    untiled, with_tiles = memory_guard.estimate(*args, False, 1), memory_guard.estimate(*args, True, 1)
+    assert with_tiles < untiled
+    # A device between the two estimates: the request fits only tiled, and check() says so.
+    monkeypatch.setattr(memory_guard, "device_bytes", lambda: (untiled + with_tiles) // 2)
+    assert memory_guard.check(*args, False, 1) is True
+    monkeypatch.setattr(memory_guard, "device_bytes", lambda: untiled)
+    assert memory_guard.check(*args, False, 1) is False
+
+
+def test_pipeline_tiles_automatically_when_only_tiles_fit(tiled, mesh1, monkeypatch):
+    from jaxdiff import memory_guard
+    _, pipe, _ = tiled
+    kw = dict(height=H, width=W, steps=2, sampler="euler", schedule=None, guidance_scale=1.0, seed=4, mesh=mesh1)
+    want = pipe("a cat", **kw).images  # tiling enabled by the fixture
+    monkeypatch.setattr(memory_guard, "UNET_LIVE", 1)
+    args = (pipe, H, W, 1, False)
+    budget = (memory_guard.estimate(*args, False, 1) + memory_guard.estimate(*args, True, 1)) // 2
+    monkeypatch.setattr(memory_guard, "device_bytes", lambda: budget)
+    pipe.disable_vae_tiling()
+    try:
+        got = pipe("a cat", **kw).images
+    finally:
+        pipe.enable_vae_tiling()
+    np.testing.assert_array_equal(got, want)
