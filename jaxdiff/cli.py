@@ -163,9 +163,19 @@ def register_generate(sub) -> None:
     p.add_argument("--control-preprocess", choices=("none", "canny"), action="append", default=[],
                    help="run on each control image first: canny (OpenCV's Canny 100 / 200); once or once each")
     p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (diffusers' guess_mode)")
+    p.add_argument("--mask-blur", metavar="PX", type=_float_in(0.0, 64.0), default=4.0,
+                   help="Gaussian blur of the mask in pixels (A1111's Mask blur; default 4)")
+    p.add_argument("--no-paste-back", action="store_true",
+                   help="keep the decoded pixels outside the mask instead of pasting the original back (A1111 pastes)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and param dtype")
     p.add_argument("--vae", metavar="PATH",  # issue 18
                    help="a separate VAE: an LDM VAE file (.safetensors/.ckpt) or a diffusers AutoencoderKL folder")
+    p.add_argument("--refiner", metavar="PATH",
+                   help="SDXL ensemble of experts: this refiner finishes each image from --refiner-switch")
+    p.add_argument("--refiner-switch", metavar="X", type=_float_in(0.0, 1.0, open_low=True), default=0.8,
+                   help="fraction of the noise schedule the base runs before the refiner (default 0.8)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode / encode in overlapping tiles (diffusers' enable_tiling): large images fit")
     p.add_argument("--compile-cache", metavar="DIR", default=_default_cache_dir(),
                    help="JAX persistent compilation cache (default $JAXDIFF_CACHE or ~/.cache/jaxdiff/xla)")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
@@ -272,6 +282,15 @@ def _generate(args) -> None:
     _check_clip_skip(pipe, args.clip_skip)
     _load_embeddings(pipe, args)
     texts_for_model, lora_hashes = _load_loras(pipe, args, texts)
+    refiner = None
+    if args.refiner is not None:
+        if init is not None:
+            raise UsageError("--refiner runs after text-to-image; it does not take --init-image")
+        refiner = _load(Path(args.refiner), args.dtype)
+    for p in (pipe, refiner):
+        if p is not None and args.vae_tiling:
+            p.enable_vae_tiling()
+    handoff = {} if refiner is None else {"denoising_end": args.refiner_switch, "output_type": "latent"}
     control_kwargs, control_fields = {}, {}
     if args.controlnet:
         if size is None:
@@ -289,8 +308,13 @@ def _generate(args) -> None:
         width=None if init is not None or size is None else size[1], steps=args.steps, sampler=sampler,
         schedule=schedule, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
         clip_skip=args.clip_skip - 1, seed=args.seed, image=init, strength=strength, mask=mask,
-        gather=args.gather, progress=None if args.quiet else bar.on_step, **control_kwargs)
+        gather="all" if refiner is not None else args.gather, progress=None if args.quiet else bar.on_step,
+        **handoff, **control_kwargs, **({} if mask is None else {"mask_blur": args.mask_blur, "paste_back": not args.no_paste_back}))
+    if refiner is not None:
+        batches = _refined(refiner, batches, texts_for_model, per_prompt, args, sampler=sampler, schedule=schedule)
+    blur = int(args.mask_blur) if float(args.mask_blur).is_integer() else args.mask_blur
     extra = {"Denoising strength": strength, "Clip skip": args.clip_skip if args.clip_skip > 1 else None,
+             "Mask blur": blur if mask is not None else None,
              "CFG rescale": args.guidance_rescale or None, "TI hashes": _ti_hashes(pipe, args),
              "Lora hashes": lora_hashes or None,
              "Prompt weighting": None if args.prompt_weighting == "a1111" else args.prompt_weighting,
@@ -311,6 +335,16 @@ def _generate(args) -> None:
         bar.close()
     if written:
         print(f"wrote {len(written)} image(s) to {args.out}")
+
+
+def _refined(refiner, batches, texts: list[str], per_prompt: int, args, *, sampler, schedule):
+    """Each base batch's latents finished by the refiner from --refiner-switch (diffusers' hand-off)."""
+    for out in batches:
+        rows = [texts[int(i) // per_prompt] for i in out.indices]
+        yield refiner(rows, None if args.negative is None else [args.negative] * len(rows), image=out.latents,
+                      denoising_start=args.refiner_switch, steps=args.steps, sampler=sampler, schedule=schedule,
+                      guidance_scale=args.guidance, seed=args.seed, indices=[int(i) for i in out.indices],
+                      gather=args.gather)
 
 
 def _load_loras(pipe, args, texts: list[str]) -> tuple[list[str], str]:
@@ -566,8 +600,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        from jaxdiff.errors import JaxdiffError
+        from jaxdiff.errors import JaxdiffError, NonFiniteImageError
         args.run(args)
+    except NonFiniteImageError as e:  # the request was fine, the model is not: a failure, not a usage error
+        print(f"jaxdiff: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except (UsageError, JaxdiffError) as e:
         print(f"jaxdiff: error: {_one_line(e)}", file=sys.stderr)
         return 2

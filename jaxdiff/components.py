@@ -36,6 +36,7 @@ from jaxdiff.models.clip import CLIPTextModel, canonical_torch_keys
 from jaxdiff.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
 from jaxdiff.models.controlnet import ControlNetConfig, ControlNetModel
 from jaxdiff.models.unet import UNet2DConditionModel
+from jaxdiff.models.taesd import AutoencoderTiny, TinyVAEConfig
 from jaxdiff.models.vae import AutoencoderKL
 
 
@@ -86,6 +87,10 @@ class VAE(Component):
     def decode(self, z):
         """Unscaled latents [B, h, w, 4] -> images [B, H, W, 3] in [-1, 1]."""
         return self.apply(z, method="decode")
+
+
+class TinyVAE(VAE):
+    """AutoencoderTiny (TAESD): the same encode / decode contract; encode's posterior has zero spread."""
 
 
 class TextEncoder(Component):
@@ -227,6 +232,11 @@ def _vae_init(cfg: VAEConfig):
     return (_zeros((1, 8, 8, cfg.in_channels)),), None
 
 
+def _tiny_vae_init(cfg: TinyVAEConfig):
+    side = 2 * cfg.downsample_factor
+    return (_zeros((1, side, side, cfg.in_channels)),), None
+
+
 def _clip_init(cfg: CLIPTextConfig):
     return (_zeros((1, cfg.max_position_embeddings), jnp.int32),), None
 
@@ -243,7 +253,10 @@ CLIP = Kind(TextEncoder, CLIPTextConfig, lambda c, d: CLIPTextModel(config=c, dt
 CONTROLNET = Kind(ControlNet, ControlNetConfig, lambda c, d: ControlNetModel(config=c, dtype=d), _controlnet_init,
                   "diffusion_pytorch_model", upstream=("ControlNetModel",),
                   export_class=lambda c: "ControlNetModel")
-ALL_KINDS = (UNET, VAE_KIND, CLIP, CONTROLNET)
+TAESD_KIND = Kind(TinyVAE, TinyVAEConfig, lambda c, d: AutoencoderTiny(config=c, dtype=d), _tiny_vae_init,
+                  "diffusion_pytorch_model", upstream=("AutoencoderTiny",), export_class=lambda c: "AutoencoderTiny")
+# TAESD before VAE_KIND: kind_of() takes the first wrapper a component is an instance of (TinyVAE is a VAE).
+ALL_KINDS = (UNET, TAESD_KIND, VAE_KIND, CLIP, CONTROLNET)
 
 _SHAPES_CACHE: dict = {}  # (Kind, config) -> param tree of jax.ShapeDtypeStruct (see Kind.param_shapes)
 

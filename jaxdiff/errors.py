@@ -10,3 +10,7 @@ class ConfigError(JaxdiffError):
 
 class SamplerError(JaxdiffError):
     """An unknown sampler or schedule, an impossible combination, or bad steps / strength."""
+
+
+class NonFiniteImageError(JaxdiffError):
+    """The decoded image is NaN / inf even in float32: the weights or latents are broken (CLI exit 1)."""

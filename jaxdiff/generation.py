@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import flax.struct
@@ -22,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import prompts, rng, sharding
+from jaxdiff import prompts, rng, sharding, vae_tiling
 from jaxdiff.conditioning import Cond, ControlCond, bind, cfg, concat, control, pair, unet_fn
+from jaxdiff.errors import NonFiniteImageError
 from jaxdiff.family import ModelFamily
 from jaxdiff.samplers import initial_latents, sample_steps, sampler_state
 from jaxdiff.samplers.core import Plan
@@ -62,6 +64,10 @@ class Spec:
     latent_size: tuple[int, int]  # (h, w) of the latents
     control: int = 0             # ControlNets applied (the pipeline's, in order); 0 = none
     guess_mode: bool = False     # ControlNet guess mode (diffusers' guess_mode, or global_pool_conditions)
+    vae_float32: bool = False    # decode with the VAE in float32 (the redo of a non-finite image)
+    vae_tiles: bool = False      # tiled VAE encode / decode (Pipeline.enable_vae_tiling; jaxdiff.vae_tiling)
+    image_latents: bool = False  # inputs.image holds scaled latents [B, h, w, C] (SDXL refiner hand-off)
+    latent_output: bool = False  # output_type="latent": no decode, latents only
 
 
 @flax.struct.dataclass
@@ -119,6 +125,7 @@ class Models:
     vae: Any
     family: ModelFamily
     scaling_factor: float
+    vae_upcast: bool = False     # encode / decode in float32 (force_upcast on a reduced-precision VAE)
     controlnets: tuple = ()      # ControlNetModel modules (params under params[CONTROLNET], same order)
 
 
@@ -126,14 +133,57 @@ CONTROLNET = "controlnet"  # program params entry: a tuple of ControlNet param t
 
 
 def models_of(pipe) -> Models:
+    vae_dtype = jnp.dtype(getattr(pipe.vae.module, "dtype", jnp.float32))
+    # diffusers' upcast_vae: a VAE whose config says force_upcast runs in float32 under a float16
+    # pipeline (SDXL's VAE overflows float16); jaxdiff does the same for bfloat16.
+    upcast = bool(getattr(pipe.vae.config, "force_upcast", False)) and vae_dtype != jnp.float32
     return Models(encoders=prompts.encoder_spec(pipe), unet=pipe.unet.module, vae=pipe.vae.module,
                   family=pipe.family, scaling_factor=float(pipe.vae.config.scaling_factor),
-                  controlnets=tuple(c.module for c in (getattr(pipe, "controlnet", None) or ())))
+                  controlnets=tuple(c.module for c in (getattr(pipe, "controlnet", None) or ())),
+                  vae_upcast=upcast)
 
 
-def _posterior_sample(m: Models, vae_params, images, key, tag, indices):
+def vae_at(m: Models, vae_params, float32: bool):
+    """(module, params) of the VAE, both lifted to float32 when `float32` (diffusers' `vae.to(float32)`:
+    the stored params cast up, float32 compute)."""
+    if not float32 or jnp.dtype(m.vae.dtype) == jnp.float32:
+        return m.vae, vae_params
+    up = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, vae_params)
+    return m.vae.clone(dtype=jnp.float32), up
+
+
+def _tileable(m: Models) -> bool:
+    """AutoencoderKL tiles (diffusers' rules need config.sample_size); TAESD is small enough not to."""
+    return getattr(m.vae.config, "sample_size", None) is not None
+
+
+def vae_encode(m: Models, vae_params, images, *, tiles: bool, float32: bool):
+    """images [B, H, W, 3] in [-1, 1] -> the posterior (jaxdiff.models.vae.DiagonalGaussian), tiled as
+    diffusers' enable_tiling() when `tiles` and the image is larger than one tile."""
+    vae, vae_params = vae_at(m, vae_params, float32)
+    tiled = tiles and _tileable(m) and vae_tiling.needs_tiles(images.shape[1:3], vae_tiling.encode_tiling(m.vae.config))
+    if not tiled:
+        return vae.apply({"params": vae_params}, images, method="encode")
+    from jaxdiff.models.vae import posterior
+    moments_fn = lambda x: vae.apply({"params": vae_params}, x, method="encode_moments")
+    moments = vae_tiling.encode_moments_tiled(moments_fn, images, m.vae.config)
+    return posterior(moments, m.vae.config.latent_channels)
+
+
+def vae_decode(m: Models, vae_params, z, *, tiles: bool, float32: bool) -> jax.Array:
+    """Unscaled latents [B, h, w, C] -> float32 images [B, H, W, 3] in about [-1, 1], tiled as diffusers'
+    enable_tiling() when `tiles` and the latents are larger than one tile."""
+    vae, vae_params = vae_at(m, vae_params, float32)
+    decode_fn = lambda zt: vae.apply({"params": vae_params}, zt, method="decode").astype(jnp.float32)
+    if tiles and _tileable(m) and vae_tiling.needs_tiles(z.shape[1:3], vae_tiling.decode_tiling(m.vae.config)):
+        return vae_tiling.decode_tiled(decode_fn, z, m.vae.config)
+    return decode_fn(z)
+
+
+def _posterior_sample(m: Models, vae_params, images, key, tag, indices, tiles: bool = False):
     """Scaled latents of a sample from q(z | images): (mean + std * noise) * scaling_factor. [B, h, w, C]"""
-    post = m.vae.apply({"params": vae_params}, images, method="encode")
+    post = vae_encode(m, vae_params, images, tiles=tiles, float32=m.vae_upcast)
     mean, logvar = post.mean.astype(jnp.float32), post.logvar.astype(jnp.float32)
     noise = rng.per_sample_noise(rng.stream(key, tag), indices, mean.shape[1:])
     return (mean + jnp.exp(0.5 * logvar) * noise) * m.scaling_factor
@@ -171,14 +221,18 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
         noise = rng.per_sample_noise(rng.stream(key, rng.START_NOISE), idx, (h, w, c))
 
     image_latents = concat_in = blend = None
-    if spec.mode != "txt2img" and (spec.mode in ("img2img", "inpaint_blend") or spec.from_image):
-        image_latents = _posterior_sample(m, params["vae"], inputs.image, key, rng.IMAGE_POSTERIOR, idx)
+    if spec.image_latents:
+        image_latents = inputs.image.astype(jnp.float32)
+    elif spec.mode != "txt2img" and (spec.mode in ("img2img", "inpaint_blend") or spec.from_image):
+        image_latents = _posterior_sample(m, params["vae"], inputs.image, key, rng.IMAGE_POSTERIOR, idx,
+                                          spec.vae_tiles)
     if spec.mode in ("inpaint", "inpaint_blend"):
         f = m.family.vae_factor
         mask_latent = inputs.mask[:, ::f, ::f, :]  # torch interpolate(nearest) to (h, w) picks pixel (f*i, f*j)
         if spec.mode == "inpaint":
             masked = inputs.image * (inputs.mask < 0.5).astype(inputs.image.dtype)
-            masked_latents = _posterior_sample(m, params["vae"], masked, key, rng.MASKED_POSTERIOR, idx)
+            masked_latents = _posterior_sample(m, params["vae"], masked, key, rng.MASKED_POSTERIOR, idx,
+                                               spec.vae_tiles)
             concat_in = jnp.concatenate([mask_latent, masked_latents], axis=-1)  # [B, h, w, 1 + C]
             if spec.cfg:
                 concat_in = pair(concat_in, concat_in)
@@ -213,10 +267,15 @@ def denoise(m: Models, spec: Spec, params: Mapping[str, Any], prep: Prepared, ca
 
 
 def decode(m: Models, spec: Spec, params: Mapping[str, Any], x0: jax.Array) -> dict[str, jax.Array]:
-    """Final latents [B, h, w, C] -> `program`'s outputs."""
-    decoded = m.vae.apply({"params": params["vae"]}, x0 / m.scaling_factor, method="decode")
-    pixels = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    out = {"images": jnp.round(pixels * 255.0).astype(jnp.uint8), "latents": x0}
+    """Final latents [B, h, w, C] -> `program`'s outputs, plus "finite": bool [B], every row holding
+    whether the WHOLE batch decoded to finite numbers (so each process can read its own rows)."""
+    if spec.latent_output:
+        return {"latents": x0, "finite": jnp.ones(x0.shape[:1], bool)}
+    decoded = vae_decode(m, params["vae"], x0 / m.scaling_factor, tiles=spec.vae_tiles,
+                         float32=m.vae_upcast or spec.vae_float32)
+    finite = jnp.broadcast_to(jnp.all(jnp.isfinite(decoded)), decoded.shape[:1])
+    pixels = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+    out = {"images": jnp.round(pixels * 255.0).astype(jnp.uint8), "latents": x0, "finite": finite}
     if spec.return_float:
         out["pixels"] = pixels
     return out
@@ -310,18 +369,50 @@ class Runner:
         """
         (params_p, placed, plan_r, seed_r, guidance_r), n = self.arguments(params, inputs, plan, seed, guidance)
         if on_step is None:
-            return self._program(spec, params_p, placed, plan_r, seed_r, guidance_r), n
+            out = self._program(spec, params_p, placed, plan_r, seed_r, guidance_r)
+            return self.finite(spec, params_p, out), n
         prep, carry = self._prepare(spec, params_p, placed, plan_r, seed_r)
         for k in range(plan.nfe):
             ks = sharding.to_global(np.array([k], np.int32), sharding.replicated(self.mesh))
             carry = jax.block_until_ready(self._denoise(spec, params_p, prep, carry, plan_r, seed_r,
                                                         guidance_r, ks))
             on_step(k)
-        return self._decode(spec, params_p, carry[0]), n
+        return self.finite(spec, params_p, self._decode(spec, params_p, carry[0])), n
+
+    def finite(self, spec: Spec, params_p, out: dict) -> dict:
+        """`out` without its "finite" flag; a non-finite image from a reduced-precision VAE is decoded again
+        from the same latents with the VAE in float32 (with a warning). One small read of a flag that comes
+        with the images the caller fetches next: no extra sync per step.
+
+        Raises:
+          NonFiniteImageError: still not finite in float32 (NaN / inf weights or latents).
+        """
+        if _all_finite(out):
+            return {k: v for k, v in out.items() if k != "finite"}
+        if self.models.vae_upcast or spec.vae_float32 or jnp.dtype(self.models.vae.dtype) == jnp.float32:
+            raise NonFiniteImageError(_NON_FINITE)
+        warnings.warn(f"the VAE decoded NaN / inf in {jnp.dtype(self.models.vae.dtype).name}; decoding again in "
+                      f"float32 (set force_upcast in the VAE's config.json to do so from the start)",
+                      RuntimeWarning, stacklevel=3)
+        again = self._decode(dataclasses.replace(spec, vae_float32=True), params_p, out["latents"])
+        if not _all_finite(again):
+            raise NonFiniteImageError(_NON_FINITE)
+        return {k: v for k, v in again.items() if k != "finite"}
 
     def cache_size(self) -> int:
         """Number of one-program executables compiled so far (one per Spec and shapes)."""
         return self._program._cache_size()
+
+
+_NON_FINITE = ("the image is NaN / inf even with the VAE in float32: the weights or the final latents hold NaN / "
+               "inf (a broken or float16-overflowing checkpoint?); try dtype float32 or another VAE file")
+
+
+def _all_finite(out: dict) -> bool:
+    """The batch-wide flag `decode` puts in every row, read from this process's first row."""
+    flag = out["finite"]
+    shard = flag.addressable_shards[0].data if hasattr(flag, "addressable_shards") else flag
+    return bool(np.asarray(shard).reshape(-1)[0])
 
 
 class Programs:

@@ -58,7 +58,8 @@ def _load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
         Hugging Face cache (read offline; nothing is downloaded).
       dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
       param_dtype: storage dtype of the params; defaults to `dtype`.
-      vae: (single files) a separate VAE: an LDM VAE file or a diffusers AutoencoderKL folder.
+      vae: a separate VAE: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder (any source), or
+        (single files) an LDM VAE file.
       prediction_type: (single files) "epsilon" or "v_prediction", overriding the family default.
       prefer_ema: (single files) load the UNet's EMA weights (model_ema.*) instead of model.*.
     Raises:
@@ -69,6 +70,10 @@ def _load(path, dtype: Any = "float32", *, param_dtype: Any = None, vae=None,
         path = _from_hub_cache(str(path))
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
+    # A VAE folder (AutoencoderKL for folders, AutoencoderTiny for any source) replaces the loaded one.
+    if vae is not None and Path(vae).is_dir() and (not path.is_file() or _vae_class(Path(vae)) == "AutoencoderTiny"):
+        pipe = load(path, dtype, param_dtype=param_dtype, prediction_type=prediction_type, prefer_ema=prefer_ema)
+        return _with_vae(pipe, Path(vae), dtype, param_dtype)
     # --- single files (issue 18) ---
     if path.is_file():
         from jaxdiff.single_file import load_single_file
@@ -187,6 +192,29 @@ def _load_diffusers(root: Path, dtype, param_dtype) -> Pipeline:
     options = {k: index[k] for k in PIPELINE_OPTIONS if k in index}
     return Pipeline.from_parts(networks, tokenizers, scheduler, source=str(root),
                                pipeline_class=index.get("_class_name"), options=options)
+
+
+def _vae_class(folder: Path) -> str:
+    return str(_read_json(folder / "config.json").get("_class_name", "AutoencoderKL"))
+
+
+def _with_vae(pipe: Pipeline, folder: Path, dtype, param_dtype) -> Pipeline:
+    """`pipe` with the VAE of a diffusers AutoencoderKL / AutoencoderTiny folder instead of its own."""
+    cls = _vae_class(folder)
+    kind = KINDS.get(cls)
+    if cls not in ("AutoencoderKL", "AutoencoderTiny") or kind is None:
+        raise ConfigError(f"{folder / 'config.json'}: a {cls}, not a VAE (AutoencoderKL or AutoencoderTiny)")
+    config = kind.config_cls.from_dict(_read_json(folder / "config.json"), str(folder / "config.json"))
+    if config.latent_channels != pipe.family.latent_channels:
+        raise CheckpointError(f"{folder}: this VAE has {config.latent_channels} latent channels, the model "
+                              f"{pipe.family.latent_channels}; it belongs to another model family")
+    weights = _weights_file(folder, kind.weight_stem)
+    params = convert_state_dict(kind.canonical_keys(read_tensors(weights)), kind.param_shapes(config),
+                                source=str(weights), ignore=kind.ignore)
+    networks = {**pipe.components(), "vae": kind.component(config, cast_params(params, param_dtype), dtype)}
+    tokenizers = {n: t for n in TOKENIZERS if (t := getattr(pipe, n)) is not None}
+    return Pipeline.from_parts(networks, tokenizers, pipe.scheduler_config, source=str(folder),
+                               pipeline_class=pipe.pipeline_class, options=pipe.options)
 
 
 def _load_native(root: Path, dtype, param_dtype) -> Pipeline:

@@ -83,6 +83,7 @@ class Pipeline:
         self._mesh = None
         self._ti_tables = None  # (TextualInversions, its tables): rebuilt when the terms change
         self._lora = None       # jaxdiff.adapters.AdapterSet over the weights the first LoRA was loaded on
+        self.vae_tiling = False  # enable_vae_tiling()
 
     @classmethod
     def from_parts(cls, networks: Mapping[str, Component], tokenizers: Mapping[str, Any],
@@ -133,6 +134,7 @@ class Pipeline:
                        scheduler_config=self.scheduler_config, pipeline_class=self.pipeline_class,
                        options=self.options, programs=self._programs, controlnet=self.controlnet)
         out.embeddings = self.embeddings
+        out.vae_tiling = self.vae_tiling
         return out
 
     def with_controlnet(self, controlnet) -> "Pipeline":
@@ -149,6 +151,14 @@ class Pipeline:
         out.embeddings = self.embeddings
         out._lora = self._lora  # loaded LoRAs stay manageable (set_adapters, unload) on the new pipeline
         return out
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode images larger than the VAE's `sample_size` in overlapping tiles, blended as
+        diffusers' `vae.enable_tiling()` (jaxdiff.vae_tiling): memory of one tile, whatever the size."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
 
     def load_textual_inversion(self, path, *, token: str | None = None) -> str:
         """Adds a textual-inversion embedding (diffusers' name): A1111 `.safetensors` (`emb_params`),
@@ -285,7 +295,8 @@ class Pipeline:
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  gather: str = "all", mesh=None, params: Mapping[str, Any] | None = None,
-                 progress: Callable[[int, int], None] | None = None, **options) -> GenerationOutput:
+                 progress: Callable[[int, int], None] | None = None, paste_back: bool = False,
+                 **options) -> GenerationOutput:
         """Generate images: txt2img, img2img (`image`), inpainting (`image` + `mask`).
 
         Args:
@@ -311,9 +322,13 @@ class Pipeline:
           latents: unit-variance starting noise [B, h, w, C] NHWC (replaces the seeded start noise).
           image: init image(s): uint8 or float in [0, 1], [H, W, 3] or [1 | P | B, H, W, 3].
           strength: img2img / inpaint strength in (0, 1]; default 0.75 for img2img, 1.0 for inpainting.
-          mask: inpainting mask, white (>= 0.5) = repaint: [H, W], [H, W, 1|3] or with a leading
-            1 | P | B axis, uint8 or float in [0, 1]. 9-channel UNets get mask + masked-image latents;
+          mask: inpainting mask, white = repaint: [H, W], [H, W, 1|3] or with a leading
+            1 | P | B axis, uint8 or float in [0, 1]; grey is a partial repaint (kept soft, as A1111).
+            9-channel UNets get mask + masked-image latents (the pixels where mask < 0.5);
             4-channel UNets blend the known region back after every step.
+          mask_blur: A1111's Gaussian blur of the mask, in pixels (default 0).
+          paste_back: paste the original pixels over the area the mask keeps after decoding, blended
+            by the (blurred) mask (A1111's behaviour; default False, as diffusers).
           indices: sample index of each of the B images (default 0..B-1): image i of a batch equals the
             same request made with indices=[i].
           original_size, crops_coords_top_left, target_size, negative_*: SDXL size conditioning
@@ -335,10 +350,19 @@ class Pipeline:
         if gather not in GATHER:
             raise JaxdiffError(f"gather={gather!r}; expected one of {', '.join(GATHER)}")
         req = requests.build(self, prompt, negative_prompt, **options)
+        from jaxdiff import memory_guard  # refuses, before compiling, a request that cannot fit
+        h, w = req.spec.latent_size
+        if memory_guard.check(self, h * self.family.vae_factor, w * self.family.vae_factor, req.rows, req.spec.cfg,
+                              req.spec.vae_tiles, self.runner(mesh).mesh.size):
+            # Fits only with a tiled VAE: tile this request (diffusers' rules; jaxdiff.vae_tiling).
+            req = dataclasses.replace(req, spec=dataclasses.replace(req.spec, vae_tiles=True))
         on_step = None if progress is None else lambda k: progress(k + 1, req.plan.nfe)
         out, n = self.runner(mesh)(req.spec, self.program_params(params), req.inputs, req.plan, req.seed,
                                    req.guidance, on_step=on_step)
-        return _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
+        got = _collect(out, n, req.inputs.index, gather)  # blocks until the program is done
+        if paste_back and req.inputs.mask is not None and got.images is not None:
+            got = _pasted(got, req.inputs)
+        return got
 
     def lower(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
               mesh=None, params: Mapping[str, Any] | None = None, **options) -> jax.stages.Lowered:
@@ -400,17 +424,27 @@ def check_controlnet(pipe: "Pipeline", net: Component) -> None:
                               + "; ".join(problems))
 
 
+def _pasted(got: GenerationOutput, inputs) -> GenerationOutput:
+    """A1111's paste-back (jaxdiff.inpaint_masks) on the rows this process holds."""
+    from jaxdiff.inpaint_masks import paste_back
+    pos = np.array([int(np.flatnonzero(np.asarray(inputs.index) == i)[0]) for i in got.indices], np.int64)
+    original = (np.asarray(inputs.image)[pos] + 1.0) / 2.0
+    images, pixels = paste_back(got.images, got.pixels, original, np.asarray(inputs.mask)[pos])
+    return dataclasses.replace(got, images=images, pixels=pixels)
+
+
 def _collect(out: dict, n: int, index: np.ndarray, gather: str) -> GenerationOutput:
     """Global program outputs -> host arrays per the gather mode (trimmed to the n real rows)."""
     from jaxdiff import sharding
     if gather == "local":
         got = {k: sharding.local_rows(v, n) for k, v in out.items()}
-        rows = got["images"][1]
-        return GenerationOutput(images=got["images"][0], latents=got["latents"][0], indices=index[rows],
+        rows = got["latents"][1]
+        return GenerationOutput(images=got["images"][0] if "images" in got else None, latents=got["latents"][0],
+                                indices=index[rows],
                                 pixels=got["pixels"][0] if "pixels" in got else None)
     host = sharding.gather(out, host0_only=gather == "host0")
     if host is None:
         return GenerationOutput(images=None, latents=None, indices=np.zeros(0, np.int64))
     host = sharding.trim(host, n)
-    return GenerationOutput(images=host["images"], latents=host["latents"], indices=index[:n].astype(np.int64),
+    return GenerationOutput(images=host.get("images"), latents=host["latents"], indices=index[:n].astype(np.int64),
                             pixels=host.get("pixels"))

@@ -36,15 +36,16 @@ def rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
 
 
-def as_mask(mask) -> np.ndarray:
-    """A mask in any common layout -> float32 [N, H, W, 1] in {0, 1} (>= 0.5 means repaint)."""
+def as_mask(mask, *, soft: bool = True) -> np.ndarray:
+    """A mask in any common layout -> float32 [N, H, W, 1] in [0, 1] (1 = repaint); soft=False binarises
+    it at 0.5 as diffusers' mask processor does (soft: kept as given, A1111's behaviour)."""
     x = np.asarray(mask[0] if isinstance(mask, (list, tuple)) and len(mask) == 1 else mask)
     if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] not in (1, 3, 4)):
         x = x[..., None]  # [H, W] or [N, H, W]
     x = as_images(x, "mask")
     if x.shape[-1] >= 3:  # RGB(A): luma as PIL's convert("L"), which diffusers' mask processor uses
         x = (x[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    return (x >= 0.5).astype(np.float32)
+    return x if soft else (x >= 0.5).astype(np.float32)
 
 
 def per_row(x: np.ndarray, rows: int, per_prompt: int, what: str) -> np.ndarray:

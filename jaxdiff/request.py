@@ -48,12 +48,18 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
           sampler_options: Mapping[str, Any] | None = None, return_float: bool = False,
           control_image=None, controlnet_conditioning_scale: float | Sequence[float] = 1.0,
           control_guidance_start: float | Sequence[float] = 0.0,
-          control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False) -> Request:
+          control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+          denoising_start: float | None = None, denoising_end: float | None = None,
+          output_type: str = "np", mask_blur: float = 0.0) -> Request:
     """Checks a request against `pipe` and turns it into program inputs (arguments: `Pipeline.__call__`).
 
     Text goes through jaxdiff.prompts: A1111 weighting and chunks of 75 tokens by default
     (`prompt_weighting="none"`: diffusers' literal text, truncated at 75 tokens), the pipeline's
-    textual-inversion terms, SDXL's `prompt_2` / `negative_prompt_2` (diffusers semantics)."""
+    textual-inversion terms, SDXL's `prompt_2` / `negative_prompt_2` (diffusers semantics).
+    `denoising_end` / `output_type="latent"` / `image=<latents>` with `denoising_start`: the SDXL ensemble
+    of experts (jaxdiff.handoff)."""
+    from jaxdiff import handoff
+    handoff.check(denoising_start, denoising_end, output_type)
     family = pipe.family
     tokenizers = prompts.pipeline_tokenizers(pipe, pipe.embeddings)
     text = prompts.tokenize_prompts(tokenizers, prompt, negative_prompt, num_images_per_prompt,
@@ -63,8 +69,18 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     clip_skip = prompts.check_clip_skip(pipe, clip_skip)
     f, c = family.vae_factor, family.latent_channels
 
-    image_rows = mask_rows = None
-    if image is not None:
+    image_rows = mask_rows = image_latents = None
+    if image is not None and handoff.is_latents(image, family.latent_channels):
+        image_latents = handoff.latent_rows(image, rows, num_images_per_prompt, family.latent_channels)
+        if mask is not None:
+            raise JaxdiffError("image= holds latents (NHWC, latent channels); a mask needs pixels")
+        size = (image_latents.shape[1] * f, image_latents.shape[2] * f)
+        if (height, width) not in ((None, None), size):
+            raise JaxdiffError(f"image= latents are for {size[0]}x{size[1]} pixels but height, width = "
+                               f"{height}, {width}; leave height and width unset")
+        height, width = size
+        image_rows = np.zeros((1, 1, 1, 3), np.float32)  # a placeholder: the request has an init image
+    if image is not None and image_latents is None:
         image_rows = pixels.per_row(pixels.rgb(pixels.as_images(image, "image")), rows,
                                       num_images_per_prompt, "image")
         size = image_rows.shape[1:3]
@@ -86,13 +102,14 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     h, w = height // f, width // f
 
     if mask is not None:
-        mask_rows = pixels.per_row(pixels.as_mask(mask), rows, num_images_per_prompt, "mask")
+        from jaxdiff.inpaint_masks import blur
+        mask_rows = blur(pixels.per_row(pixels.as_mask(mask), rows, num_images_per_prompt, "mask"), mask_blur)
         if mask_rows.shape[1:3] != (height, width):
             raise JaxdiffError(f"mask is {mask_rows.shape[1]}x{mask_rows.shape[2]} but the image is "
                                f"{height}x{width}")
     mode = _mode(family, image_rows is not None, mask_rows is not None)
     if strength is None:
-        strength = 0.75 if mode == "img2img" else 1.0
+        strength = 0.75 if mode == "img2img" and denoising_start is None else 1.0
     elif mode == "txt2img":
         raise JaxdiffError("strength applies only with an init image (image=)")
 
@@ -101,6 +118,13 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     sched = SchedulerConfig.from_dict(pipe.scheduler_config or {}, "scheduler_config.json")
     plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength,
                      model_family=family.sampler_family, **dict(sampler_options or {}))
+    if denoising_start is not None or denoising_end is not None:
+        if denoising_start is not None and mode == "txt2img":
+            raise JaxdiffError("denoising_start needs image= (the base's latents or an init image)")
+        plan = handoff.cut_plan(plan, steps, sched, denoising_start, denoising_end,
+                                lambda strength_: make_plan(sampler, steps, sched, schedule=schedule,
+                                                            strength=strength_, model_family=family.sampler_family,
+                                                            **dict(sampler_options or {})))
 
     guided = float(guidance_scale) > 1.0
     if not 0.0 <= float(guidance_rescale) <= 1.0:
@@ -143,12 +167,15 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
                     neg_ids=neg_ids if with_negative else None, neg_weights=neg_weights if with_negative else None,
                     time_ids=time_ids, neg_time_ids=neg_time_ids, latents=latents,
                     # [-1, 1], as diffusers' VaeImageProcessor.normalize
-                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows,
+                    image=(image_latents if image_latents is not None
+                           else None if image_rows is None else 2.0 * image_rows - 1.0), mask=mask_rows,
                     control_image=control_rows, control_scale=control_scale)
     spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
-                return_float=return_float, latent_size=(h, w), control=len(nets),
+                return_float=return_float, latent_size=(h, w),
+                vae_tiles=bool(getattr(pipe, "vae_tiling", False)), image_latents=image_latents is not None,
+                latent_output=output_type == "latent", control=len(nets),
                 # diffusers: guess_mode = guess_mode or the (first) ControlNet's global_pool_conditions
                 guess_mode=bool(nets) and (bool(guess_mode) or bool(nets[0].config.global_pool_conditions)))
     return Request(spec=spec, inputs=inputs, plan=plan, seed=rng.check_seed(seed),

@@ -154,7 +154,7 @@ def _meta_model(config_kwargs):
 def test_full_size_layout_matches_diffusers(preset, scaling):
     """Shape-only: every tensor of the full-size diffusers VAE maps one to one onto jaxdiff's params."""
     tmodel = _meta_model(_diffusers_kwargs((128, 256, 512, 512), layers_per_block=2,
-                                           scaling_factor=scaling))
+                                           scaling_factor=scaling, sample_size={"sd": 512, "sdxl": 1024}[preset]))
     config = getattr(VAEConfig, preset)()
     # The config diffusers would write parses to the preset.
     raw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in tmodel.config.items()}

@@ -366,6 +366,9 @@ class VAEConfig:
     # diffusers' hint that this VAE overflows in float16; the pipeline then runs it in float32. It does not
     # change the module's numerics.
     force_upcast: bool = True
+    # Pixels per tile of diffusers' tiled encode / decode (`enable_tiling()`; jaxdiff.vae_tiling). It does
+    # not change the untiled numerics. diffusers' default is 32; released SD VAEs say 512 (SDXL 1024).
+    sample_size: int | tuple[int, ...] = 32
 
     def __post_init__(self):
         if not self.block_out_channels:
@@ -395,8 +398,7 @@ class VAEConfig:
                                   f"{levels} x {block!r}, one per entry of block_out_channels)")
         return parse_config(
             cls, raw, source=source,
-            # sample_size only sizes diffusers' tiled encode/decode, which jaxdiff does not do.
-            ignored=frozenset({"down_block_types", "up_block_types", "sample_size"}),
+            ignored=frozenset({"down_block_types", "up_block_types"}),
             only_values={
                 "act_fn": ("silu",),
                 # SD3 / Flux latent normalisation; SD1 / SD2 / SDXL VAEs have none.
@@ -408,12 +410,14 @@ class VAEConfig:
     @classmethod
     def sd(cls) -> "VAEConfig":
         """The SD 1.x / 2.x VAE (83.65M parameters)."""
-        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215)
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.18215,
+                   sample_size=512)
 
     @classmethod
     def sdxl(cls) -> "VAEConfig":
         """The SDXL VAE: SD's architecture, retrained, with a different latent scale."""
-        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025)
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025,
+                   sample_size=1024)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

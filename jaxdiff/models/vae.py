@@ -235,15 +235,15 @@ class AutoencoderKL(nn.Module):
 
         Returns the posterior with mean and logvar [B, H/f, W/f, latent_channels] (unscaled latents).
         """
+        return posterior(self.encode_moments(images), self.config.latent_channels)
+
+    def encode_moments(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, in_channels] -> [mean, logvar] before the clamp, [B, H/f, W/f, 2 * latent_channels]
+        (what diffusers' tiled encode blends)."""
         moments = self.encoder(images.astype(self.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        # torch.chunk(moments, 2, dim=1): the first half of the channels is the mean.
-        c = self.config.latent_channels
-        mean, logvar = moments[..., :c], moments[..., c:]
-        lo, hi = LOGVAR_RANGE
-        logvar = jnp.clip(logvar, jnp.asarray(lo, logvar.dtype), jnp.asarray(hi, logvar.dtype))
-        return DiagonalGaussian(mean=mean, logvar=logvar)
+        return moments
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: [B, h, w, latent_channels] unscaled latents -> images [B, h*f, w*f, out_channels]."""
@@ -260,6 +260,15 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(images)
         z = posterior.mode() if key is None else posterior.sample(key)
         return self.decode(z)
+
+
+def posterior(moments: jax.Array, latent_channels: int) -> DiagonalGaussian:
+    """[B, h, w, 2C] moments -> the posterior (torch.chunk(moments, 2, dim=1): the mean comes first; logvar
+    clamped as diffusers' DiagonalGaussianDistribution)."""
+    mean, logvar = moments[..., :latent_channels], moments[..., latent_channels:]
+    lo, hi = LOGVAR_RANGE
+    logvar = jnp.clip(logvar, jnp.asarray(lo, logvar.dtype), jnp.asarray(hi, logvar.dtype))
+    return DiagonalGaussian(mean=mean, logvar=logvar)
 
 
 def init_params(config: VAEConfig, seed: int = 0, *, param_dtype: Dtype = jnp.float32) -> dict:
