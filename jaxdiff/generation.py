@@ -76,6 +76,7 @@ class Inputs:
       latents: float32 [B, h, w, C] given unit starting noise.
       image: float32 [B, H, W, 3] init image in [-1, 1].
       mask: float32 [B, H, W, 1] inpainting mask in {0, 1} (1 = repaint).
+      timestep_cond: float32 [B, D] LCM-distilled UNets' guidance-scale embedding (no CFG then).
     """
     index: np.ndarray
     ids: dict
@@ -87,6 +88,7 @@ class Inputs:
     latents: Optional[np.ndarray] = None
     image: Optional[np.ndarray] = None
     mask: Optional[np.ndarray] = None
+    timestep_cond: Optional[np.ndarray] = None
 
 
 @flax.struct.dataclass
@@ -153,6 +155,8 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
     idx = inputs.index
     (h, w), c = spec.latent_size, m.family.latent_channels
     context, added = _text_cond(m, spec, params, inputs)
+    if inputs.timestep_cond is not None:  # LCM-distilled UNet (request.py builds it; never with CFG)
+        added = {**(added or {}), "timestep_cond": inputs.timestep_cond}
 
     if spec.given_latents:
         noise = inputs.latents.astype(jnp.float32)

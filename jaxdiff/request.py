@@ -94,7 +94,10 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
     plan = make_plan(sampler, steps, sched, schedule=schedule, strength=strength,
                      model_family=family.sampler_family, **dict(sampler_options or {}))
 
-    guided = float(guidance_scale) > 1.0
+    # LCM-distilled UNets take the guidance scale as an embedding and run one pass per step
+    # (diffusers' LatentConsistencyModelPipeline: no classifier-free guidance).
+    lcm_dim = family.guidance_embedding_dim
+    guided = float(guidance_scale) > 1.0 and lcm_dim is None
     if not 0.0 <= float(guidance_rescale) <= 1.0:
         raise JaxdiffError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
     # diffusers' force_zeros_for_empty_prompt: zeros when no negative prompt at all was given.
@@ -123,13 +126,25 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
                     neg_ids=neg_ids if with_negative else None, neg_weights=neg_weights if with_negative else None,
                     time_ids=time_ids, neg_time_ids=neg_time_ids, latents=latents,
                     # [-1, 1], as diffusers' VaeImageProcessor.normalize
-                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows)
+                    image=None if image_rows is None else 2.0 * image_rows - 1.0, mask=mask_rows,
+                    timestep_cond=None if lcm_dim is None else np.tile(
+                        guidance_scale_embedding(float(guidance_scale) - 1.0, lcm_dim)[None], (rows, 1)))
     spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
                 return_float=return_float, latent_size=(h, w))
     return Request(spec=spec, inputs=inputs, plan=plan, seed=rng.check_seed(seed),
                    guidance=np.array([guidance_scale, guidance_rescale], np.float32))
+
+
+def guidance_scale_embedding(w: float, dim: int) -> np.ndarray:
+    """float32 [dim]: diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding of one w
+    (the pipeline passes guidance_scale - 1): sin / cos of 1000 w * exp(-log(1e4) k / (dim/2 - 1)),
+    zero-padded to an odd dim. Computed in float64 (diffusers uses float32, whose rounding of the
+    ~1e4-sized sine arguments alone is ~5e-4), then cast."""
+    half = dim // 2
+    arg = w * 1000.0 * np.exp(np.arange(half) * -(np.log(10000.0) / (half - 1)))
+    return np.pad(np.concatenate([np.sin(arg), np.cos(arg)]), (0, dim % 2)).astype(np.float32)
 
 
 def _mode(family, has_image: bool, has_mask: bool) -> str:

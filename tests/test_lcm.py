@@ -139,28 +139,85 @@ def _make_lcm_lora(folder, dst):
 
 
 def test_lcm_lora_with_lcm_sampler_matches_diffusers(tiny_pipeline, tmp_path, monkeypatch):
+    """LCM-LoRA: a LoRA on a plain SD1 UNet, the `lcm` sampler, guidance 1 (no CFG), 4 steps."""
     _, _, folder = tiny_pipeline("sd1")
     lora = _make_lcm_lora(folder, tmp_path)
-    steps, seed, b = 4, 11, len(PROMPTS)
-
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ref.tokenizer.model_max_length = 77
-    ref.load_lora_weights(str(lora))
     ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+    base, _ = _run_both(ref, lambda *a, **k: None, monkeypatch, guidance=1.0)
+    ref.load_lora_weights(str(lora))
     pipe = jaxdiff.load(folder)   # its own pipeline: the session's shared one keeps its weights
     pipe.load_lora_weights(lora)
+    want, out = _run_both(ref, pipe, monkeypatch, guidance=1.0)
+    _assert_image_parity(out, want, "lcm-lora")
+    assert np.abs(want - base).max() > 4 / 255   # the LoRA changes the image: the test could fail
 
+
+def test_guidance_scale_embedding_matches_diffusers():
+    from diffusers import LatentConsistencyModelPipeline
+    from jaxdiff.request import guidance_scale_embedding
+    for w, dim in ((7.5, 16), (0.0, 256), (3.0, 9)):
+        want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+            None, torch.tensor([w - 1.0]), embedding_dim=dim).numpy()[0]
+        # diffusers computes in float32: its sine arguments (up to 1000 w ~ 1e4) carry rounding of ~1e-3.
+        np.testing.assert_allclose(guidance_scale_embedding(w - 1.0, dim), want, rtol=0, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def lcm_distilled(tmp_path_factory):
+    """A tiny LCM-distilled SD1 pipeline (UNet with time_cond_proj_dim, LCMScheduler), as diffusers'
+    LatentConsistencyModelPipeline, written with save_pretrained and loaded by jaxdiff."""
+    from tests import tiny_pipelines as tp
+    folder = tmp_path_factory.mktemp("lcm_distilled")
+    torch.manual_seed(0)
+    unet = helpers.perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, time_cond_proj_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8), scale=0.02)
+    ref = diffusers.LatentConsistencyModelPipeline(
+        vae=tp.vae(), text_encoder=tp.text_encoder(), tokenizer=tp.tokenizer(), unet=unet,
+        scheduler=diffusers.LCMScheduler.from_config(tp.STOCK_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.save_pretrained(folder, safe_serialization=True)
+    ref.tokenizer.model_max_length = 77
+    ref.set_progress_bar_config(disable=True)
+    return ref, jaxdiff.load(folder)
+
+
+def _run_both(ref, pipe, monkeypatch, *, guidance, steps=4, seed=5, mesh=None):
+    """(diffusers float images, jaxdiff output) for PROMPTS with shared start and step noise."""
+    b = len(PROMPTS)
     start, noises = _lcm_noises(seed, b, steps, (H // 2, W // 2, 4))
     left = _patch_lcm_noise(monkeypatch, noises)
-    want = ref(PROMPTS, height=H, width=W, num_inference_steps=steps, guidance_scale=1.0,
+    want = ref(PROMPTS, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
                latents=helpers.nchw(start), output_type="np").images
     assert left == []
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    out = pipe(PROMPTS, height=H, width=W, steps=steps, sampler="lcm", schedule=None, guidance_scale=1.0,
-               seed=seed, mesh=mesh, return_float=True)
+    out = pipe(PROMPTS, height=H, width=W, steps=steps, sampler="lcm", schedule=None, guidance_scale=guidance,
+               seed=seed, mesh=mesh or sharding.make_mesh(jax.devices()[:1]), return_float=True)
+    return want, out
+
+
+def _assert_image_parity(out, want, what):
     u8 = np.abs(out.images.astype(np.int16) - (want * 255).round().astype(np.int16)).max()
     fl = float(np.abs(out.pixels - want).max())
-    print(f"lcm-lora: float max|jax - diffusers| = {fl:.2e}, uint8 max diff = {u8}")
-    assert want.std() > 0.01
-    assert u8 <= 1 and fl <= 1 / 255
+    print(f"{what}: float max|jax - diffusers| = {fl:.2e}, uint8 max diff = {u8}")
+    assert want.std() > 0.01   # not a flat image: the comparison means something
+    assert u8 <= 1 and fl <= 1 / 255, what
+
+
+def test_lcm_distilled_pipeline_matches_diffusers(lcm_distilled, monkeypatch):
+    """LatentConsistencyModelPipeline semantics: the guidance scale goes in as `timestep_cond`, one UNet
+    pass per step (no CFG); two scales (the second on all 8 devices, batch padded) give two images."""
+    from jaxdiff import request
+    ref, pipe = lcm_distilled
+    assert pipe.family.guidance_embedding_dim == 32
+    spec = request.build(pipe, PROMPTS, height=H, width=W, steps=4, sampler="lcm", guidance_scale=8.5).spec
+    assert not spec.cfg
+    want_a, out_a = _run_both(ref, pipe, monkeypatch, guidance=8.5)
+    _assert_image_parity(out_a, want_a, "lcm-distilled w=8.5")
+    want_b, out_b = _run_both(ref, pipe, monkeypatch, guidance=1.5, mesh=sharding.make_mesh(jax.devices()))
+    _assert_image_parity(out_b, want_b, "lcm-distilled w=1.5, 8 devices")
+    # the embedding changes the image by several times the parity tolerance: the test could fail
+    assert np.abs(want_a - want_b).max() > 4 / 255
