@@ -218,6 +218,9 @@ def _unet_init(cfg: UNetConfig):
     if cfg.takes_text_time:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         added = lambda: {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))}
+    if cfg.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding (time_embedding.cond_proj)
+        base = added
+        added = lambda: {**(base() or {}), "timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
     args = (_zeros((1, 8, 8, cfg.in_channels)), _zeros((1,)), _zeros((1, 4, cfg.cross_attention_dim)), added)
     return args, None
 

@@ -44,6 +44,8 @@ class ModelFamily:
       vae_factor: pixels per latent along each side.
       default_size: (height, width) in pixels when a request gives none.
       prediction_type: what the UNet predicts, per the scheduler config.
+      guidance_embedding_dim: LCM-distilled UNets (time_cond_proj_dim): the width of the guidance-scale
+        embedding each row takes as `timestep_cond`; such models run without CFG. None otherwise.
     """
     name: str
     encoders: tuple[str, ...]
@@ -54,6 +56,7 @@ class ModelFamily:
     vae_factor: int
     default_size: tuple[int, int]
     prediction_type: str = "epsilon"
+    guidance_embedding_dim: int | None = None
 
     @property
     def text_time(self) -> bool:
@@ -129,4 +132,5 @@ def family_of(networks: Mapping[str, Any], scheduler_config: Mapping[str, Any] |
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     return ModelFamily(name=name, encoders=encoders, time_ids=time_ids, pooled_dim=pooled,
                        latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
-                       vae_factor=f, default_size=(h * f, w * f), prediction_type=prediction)
+                       vae_factor=f, default_size=(h * f, w * f), prediction_type=prediction,
+                       guidance_embedding_dim=unet.time_cond_proj_dim)

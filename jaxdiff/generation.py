@@ -86,6 +86,7 @@ class Inputs:
       mask: float32 [B, H, W, 1] inpainting mask in {0, 1} (1 = repaint).
       control_image: one float32 [B, H, W, Cc] image in [0, 1] per ControlNet (tuple), or None.
       control_scale: float32 [B, N] controlnet_conditioning_scale per row and ControlNet, or None.
+      timestep_cond: float32 [B, D] LCM-distilled UNets' guidance-scale embedding (no CFG then).
     """
     index: np.ndarray
     ids: dict
@@ -99,6 +100,7 @@ class Inputs:
     mask: Optional[np.ndarray] = None
     control_image: Optional[tuple] = None
     control_scale: Optional[np.ndarray] = None
+    timestep_cond: Optional[np.ndarray] = None
 
 
 @flax.struct.dataclass
@@ -214,6 +216,8 @@ def prepare(m: Models, spec: Spec, params: Mapping[str, Any], inputs: Inputs, pl
     idx = inputs.index
     (h, w), c = spec.latent_size, m.family.latent_channels
     context, added = _text_cond(m, spec, params, inputs)
+    if inputs.timestep_cond is not None:  # LCM-distilled UNet (request.py builds it; never with CFG)
+        added = {**(added or {}), "timestep_cond": inputs.timestep_cond}
 
     if spec.given_latents:
         noise = inputs.latents.astype(jnp.float32)

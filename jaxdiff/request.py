@@ -126,7 +126,10 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
                                                             strength=strength_, model_family=family.sampler_family,
                                                             **dict(sampler_options or {})))
 
-    guided = float(guidance_scale) > 1.0
+    # LCM-distilled UNets take the guidance scale as an embedding and run one pass per step
+    # (diffusers' LatentConsistencyModelPipeline: no classifier-free guidance).
+    lcm_dim = family.guidance_embedding_dim
+    guided = float(guidance_scale) > 1.0 and lcm_dim is None
     if not 0.0 <= float(guidance_rescale) <= 1.0:
         raise JaxdiffError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
     # diffusers' force_zeros_for_empty_prompt: zeros when no negative prompt at all was given.
@@ -169,7 +172,9 @@ def build(pipe, prompt: str | Sequence[str], negative_prompt: str | Sequence[str
                     # [-1, 1], as diffusers' VaeImageProcessor.normalize
                     image=(image_latents if image_latents is not None
                            else None if image_rows is None else 2.0 * image_rows - 1.0), mask=mask_rows,
-                    control_image=control_rows, control_scale=control_scale)
+                    control_image=control_rows, control_scale=control_scale,
+                    timestep_cond=None if lcm_dim is None else np.tile(
+                        guidance_scale_embedding(float(guidance_scale) - 1.0, lcm_dim)[None], (rows, 1)))
     spec = Spec(mode=mode, cfg=guided, rescale=guided and float(guidance_rescale) > 0.0,
                 zero_negative=zero_negative, clip_skip=clip_skip, given_latents=latents is not None,
                 from_image=mode == "img2img" or (mode != "txt2img" and strength < 1.0),
@@ -220,6 +225,16 @@ def control_keep(nfe: int, starts: Sequence[float], ends: Sequence[float]) -> np
             raise JaxdiffError(f"control_guidance_start={s} / control_guidance_end={e}: need 0 <= start < end <= 1")
     return np.array([[1.0 - float(i / nfe < s or (i + 1) / nfe > e) for s, e in zip(starts, ends)]
                      for i in range(nfe)], np.float32)
+
+
+def guidance_scale_embedding(w: float, dim: int) -> np.ndarray:
+    """float32 [dim]: diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding of one w
+    (the pipeline passes guidance_scale - 1): sin / cos of 1000 w * exp(-log(1e4) k / (dim/2 - 1)),
+    zero-padded to an odd dim. Computed in float64 (diffusers uses float32, whose rounding of the
+    ~1e4-sized sine arguments alone is ~5e-4), then cast."""
+    half = dim // 2
+    arg = w * 1000.0 * np.exp(np.arange(half) * -(np.log(10000.0) / (half - 1)))
+    return np.pad(np.concatenate([np.sin(arg), np.cos(arg)]), (0, dim % 2)).astype(np.float32)
 
 
 def _mode(family, has_image: bool, has_mask: bool) -> str:

@@ -147,7 +147,8 @@ class UNetConfig:
     Implemented embeddings: sinusoidal timestep (`flip_sin_to_cos`, `freq_shift`) -> time_embedding;
     `class_embed_type` None (with `num_class_embeds`: a learnt class table), "timestep", "identity",
     "projection", "simple_projection" (labels come in `added_cond["class_labels"]`);
-    `addition_embed_type` "text_time" (SDXL: pooled text + sinusoidal embedding of the 6 or 5 time ids).
+    `addition_embed_type` "text_time" (SDXL: pooled text + sinusoidal embedding of the 6 or 5 time ids);
+    `time_cond_proj_dim` (LCM-distilled models: `added_cond["timestep_cond"]` through time_embedding.cond_proj).
     """
     sample_size: int | tuple[int, int] | None = None   # default latent size (64 SD1, 96 SD2-768, 128 SDXL)
     in_channels: int = 4                           # 9 for inpainting (latents + mask + masked-image latents)
@@ -176,6 +177,9 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None   # 2816 SDXL, 2560 refiner
     time_embedding_dim: int | None = None       # None: 4 * block_out_channels[0]
     mid_block_only_cross_attention: bool | None = None   # only False / None implemented
+    # LCM-distilled UNets: width of the guidance-scale embedding fed to time_embedding.cond_proj
+    # (added_cond["timestep_cond"] [B, time_cond_proj_dim], diffusers' `timestep_cond`); None: no cond_proj.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         # config.json may say null; the model treats it as False, and equal configs should compare equal.
@@ -215,6 +219,8 @@ class UNetConfig:
         if self.class_embed_type in ("projection", "simple_projection") and (
                 self.projection_class_embeddings_input_dim is None):
             raise ValueError(f"class_embed_type={self.class_embed_type!r} needs projection_class_embeddings_input_dim")
+        if self.time_cond_proj_dim is not None and self.time_cond_proj_dim < 1:
+            raise ValueError(f"time_cond_proj_dim={self.time_cond_proj_dim} must be a positive int or null")
         if self.mid_block_only_cross_attention:
             raise ValueError("mid_block_only_cross_attention=True is not implemented")
 
@@ -282,7 +288,6 @@ class UNetConfig:
                 "time_embedding_type": ("positional",),
                 "time_embedding_act_fn": (None,),
                 "timestep_post_act": (None,),
-                "time_cond_proj_dim": (None,),
                 "conv_in_kernel": (3,),
                 "conv_out_kernel": (3,),
                 "attention_type": ("default",),

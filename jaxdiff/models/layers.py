@@ -55,14 +55,25 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, *, flip_sin
 
 
 class TimestepEmbedding(nn.Module):
-    """diffusers' TimestepEmbedding: `linear_2(silu(linear_1(x)))`. [B, Cin] -> [B, time_embed_dim]."""
+    """diffusers' TimestepEmbedding: `linear_2(silu(linear_1(x)))`. [B, Cin] -> [B, time_embed_dim].
+
+    With `cond_proj_dim` (LCM-distilled UNets) a bias-free `cond_proj` Linear maps `condition`
+    [B, cond_proj_dim] to [B, Cin] and adds it to x before linear_1, as diffusers' TimestepEmbedding does.
+    """
     time_embed_dim: int
     out_dim: Optional[int] = None
+    cond_proj_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, condition: Optional[jax.Array] = None) -> jax.Array:
+        if self.cond_proj_dim is not None:
+            if condition is None:
+                raise ValueError(f"this time embedding takes a condition [B, {self.cond_proj_dim}] "
+                                 "(added_cond['timestep_cond'], LCM's guidance embedding)")
+            x = x + nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="cond_proj")(condition.astype(self.dtype))
         x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
         x = nn.silu(x)
         return nn.Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,

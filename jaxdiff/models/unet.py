@@ -148,7 +148,8 @@ class UNetTrunk(nn.Module):
             timesteps = jnp.broadcast_to(timesteps.reshape(()), (b,))
         t_emb = get_timestep_embedding(timesteps, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                        downscale_freq_shift=c.freq_shift).astype(self.dtype)
-        emb = TimestepEmbedding(c.time_embed_dim, name="time_embedding", **self._kw())(t_emb)
+        emb = TimestepEmbedding(c.time_embed_dim, cond_proj_dim=c.time_cond_proj_dim, name="time_embedding",
+                                **self._kw())(t_emb, added_cond.get("timestep_cond"))
         class_emb = self._class_embedding(added_cond.get("class_labels"), b)
         if class_emb is not None:
             emb = emb + class_emb.astype(emb.dtype)
@@ -313,6 +314,8 @@ def example_inputs(config: UNetConfig, *, batch: int = 1, height: Optional[int] 
                              f"{total} with {per_id} features per time id")
         added["text_embeds"] = jnp.zeros((batch, text_embeds_dim), jnp.float32)
         added["time_ids"] = jnp.zeros((batch, n_ids), jnp.float32)
+    if c.time_cond_proj_dim is not None:
+        added["timestep_cond"] = jnp.zeros((batch, c.time_cond_proj_dim), jnp.float32)
     if c.class_embed_type is not None or c.num_class_embeds is not None:
         if c.class_embed_type is None:
             added["class_labels"] = jnp.zeros((batch,), jnp.int32)
