@@ -611,3 +611,17 @@ def test_pipeline_lora_images_match_diffusers_and_compile_nothing(models, peft_f
     want = ref("a red panda", latents=helpers.nchw(noise), height=16, width=16, num_inference_steps=3,
                guidance_scale=5.0, output_type="np").images
     assert np.abs(out.images.astype(np.int16) - np.round(want * 255).astype(np.int16)).max() <= 1
+
+
+def test_pickled_lora_equals_its_safetensors_twin(models, peft_files, tmp_path):
+    """A LoRA saved by torch.save (.bin, as old trainers wrote them) reads through the allow-list
+    unpickler to the same merged params as the same tensors in .safetensors (both without the PEFT
+    metadata a pickle cannot carry, so both at scale 1)."""
+    model = models["sd1"]
+    tensors = read_safetensors(peft_files[("sd1", 0)])
+    write_safetensors(tmp_path / "lora.safetensors", tensors)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, tmp_path / "lora.bin")
+    want = jaxdiff_params(model, tmp_path / "lora.safetensors")
+    got = adapters.apply(model.params, [(adapters.read_lora_file(tmp_path / "lora.bin", model.params), 1.0)])
+    for k, v in flatten(want).items():
+        np.testing.assert_array_equal(np.asarray(flatten(got)[k]), np.asarray(v), err_msg="/".join(k))
