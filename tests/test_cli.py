@@ -198,7 +198,7 @@ def test_inpaint_flags_reach_the_library(tmp_path, capsys, monkeypatch):
     assert [f.name for f in files] == ["00000-0.png", "00001-0.png", "00002-0.png"]
     assert images.read_parameters(files[2]) == (
         "a door\nSteps: 25, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 7.5, Seed: 0, "
-        "Size: 40x24, Model: model, Denoising strength: 1.0, Clip skip: 2, Seed index: 2")
+        "Size: 40x24, Model: model, Denoising strength: 1.0, Clip skip: 2, Mask blur: 4, Seed index: 2")
 
 
 def test_clip_skip_beyond_the_encoder_names_the_flag(tmp_path, capsys, monkeypatch):
