@@ -49,3 +49,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def patch_randn(monkeypatch, module, tensors):
+    """Make `module.randn_tensor` (diffusers' noise source in a pipeline or scheduler module) return
+    `tensors` (NHWC numpy, e.g. jaxdiff.rng.request_noise rows) in order, checking each shape. Returns
+    the queue: empty afterwards means every tensor was used."""
+    queue = list(tensors)
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        want = queue.pop(0)
+        assert tuple(shape) == (want.shape[0], want.shape[3], want.shape[1], want.shape[2]), shape
+        return nchw(want).to(dtype or torch.float32)
+
+    monkeypatch.setattr(module, "randn_tensor", fake)
+    return queue

@@ -75,19 +75,6 @@ def _scheduler(ref, sampler):
 SCHEDULE = {"euler": None, "ddim": None, "dpmpp_2m": "karras"}
 
 
-def _patch_randn(monkeypatch, module, tensors):
-    """Make `module.randn_tensor` return `tensors` (NHWC numpy) in order, checking each shape."""
-    queue = list(tensors)
-
-    def fake(shape, generator=None, device=None, dtype=None, layout=None):
-        want = queue.pop(0)
-        assert tuple(shape) == (want.shape[0], want.shape[3], want.shape[1], want.shape[2]), shape
-        return helpers.nchw(want).to(dtype or torch.float32)
-
-    monkeypatch.setattr(module, "randn_tensor", fake)
-    return queue
-
-
 def _compare(out, want, what):
     """uint8 within 1 and float within FLOAT_ATOL; returns the float max abs diff (for the report)."""
     want_u8 = (want * 255).round().astype(np.int16)
@@ -186,8 +173,8 @@ def test_sd1_img2img_ddim(models, mesh1, monkeypatch):
     noises = rng.request_noise(3, np.arange(2), (H // 2, W // 2, 4))
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as mod
-    left_pipe = _patch_randn(monkeypatch, mod, [noises["start"]])
-    left_vae = _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
+    left_pipe = helpers.patch_randn(monkeypatch, mod, [noises["start"]])
+    left_vae = helpers.patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
     out = pipe(PROMPTS, NEGATIVES, image=image, strength=0.6, steps=4, sampler="ddim", schedule=None,
                guidance_scale=7.5, seed=3, mesh=mesh1, return_float=True)
     want = i2i(PROMPTS, negative_prompt=NEGATIVES, image=image.astype(np.float32) / 255.0, strength=0.6,
@@ -206,8 +193,8 @@ def test_sd1_inpaint_4_channel_blend_euler(models, mesh1, monkeypatch):
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as mod
     # diffusers' order: init-image posterior, start noise, masked-image posterior (unused by a 4-ch UNet)
-    _patch_randn(monkeypatch, mod, [noises["start"]])
-    _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"], noises["masked_posterior"]])
+    helpers.patch_randn(monkeypatch, mod, [noises["start"]])
+    helpers.patch_randn(monkeypatch, vae_mod, [noises["image_posterior"], noises["masked_posterior"]])
     out = pipe(PROMPTS, NEGATIVES, image=image, mask=mask, strength=0.75, steps=4, sampler="euler",
                schedule=None, guidance_scale=7.5, seed=4, mesh=mesh1, return_float=True)
     want = inp(PROMPTS, negative_prompt=NEGATIVES, image=image.astype(np.float32) / 255.0, mask_image=mask,
@@ -223,8 +210,8 @@ def test_sd1_inpaint_9_channel_ddim(models, mesh1, monkeypatch):
     noises = rng.request_noise(7, np.arange(2), (H // 2, W // 2, 4))
     import diffusers.models.autoencoders.vae as vae_mod
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as mod
-    _patch_randn(monkeypatch, mod, [noises["start"]])
-    _patch_randn(monkeypatch, vae_mod, [noises["masked_posterior"]])  # strength 1: no init-image encode
+    helpers.patch_randn(monkeypatch, mod, [noises["start"]])
+    helpers.patch_randn(monkeypatch, vae_mod, [noises["masked_posterior"]])  # strength 1: no init-image encode
     out = pipe(PROMPTS, NEGATIVES, image=image, mask=mask, steps=3, sampler="ddim", schedule=None,
                guidance_scale=7.5, seed=7, mesh=mesh1, return_float=True)
     want = ref(PROMPTS, negative_prompt=NEGATIVES, image=image.astype(np.float32) / 255.0, mask_image=mask,
@@ -329,8 +316,8 @@ def test_sdxl_refiner_img2img_aesthetic_score(tiny_pipeline, mesh1, monkeypatch)
     assert pipe.text_encoder is None and pipe.family.is_refiner
     image = _image(5)
     noises = rng.request_noise(8, np.arange(2), (H // 2, W // 2, 4))
-    _patch_randn(monkeypatch, mod, [noises["start"]])
-    _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
+    helpers.patch_randn(monkeypatch, mod, [noises["start"]])
+    helpers.patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
     kw = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)
     out = pipe(PROMPTS, NEGATIVES, image=image, strength=0.5, steps=4, sampler="euler", schedule=None,
                guidance_scale=5.0, seed=8, mesh=mesh1, return_float=True, **kw)

@@ -99,21 +99,6 @@ def test_unet_without_timestep_cond_is_refused():
         jax.eval_shape(UNet2DConditionModel(config).init, jax.random.PRNGKey(0), sample, t, context, None)
 
 
-def _patch_lcm_noise(monkeypatch, noises):
-    """diffusers' LCMScheduler.step re-noises with scheduling_lcm.randn_tensor: hand back `noises`
-    (NHWC numpy, in call order)."""
-    import diffusers.schedulers.scheduling_lcm as lcm_mod
-    queue = list(noises)
-
-    def fake(shape, generator=None, device=None, dtype=None, layout=None):
-        want = queue.pop(0)
-        assert tuple(shape) == (want.shape[0], want.shape[3], want.shape[1], want.shape[2]), shape
-        return helpers.nchw(want).to(dtype or torch.float32)
-
-    monkeypatch.setattr(lcm_mod, "randn_tensor", fake)
-    return queue
-
-
 def _lcm_noises(seed, b, steps, latent_shape):
     """jaxdiff's start noise and the lcm sampler's step noises 0 .. steps-2 (the last step adds none)."""
     start = rng.request_noise(seed, np.arange(b), latent_shape)["start"]
@@ -190,7 +175,8 @@ def _run_both(ref, pipe, monkeypatch, *, guidance, steps=4, seed=5, mesh=None):
     """(diffusers float images, jaxdiff output) for PROMPTS with shared start and step noise."""
     b = len(PROMPTS)
     start, noises = _lcm_noises(seed, b, steps, (H // 2, W // 2, 4))
-    left = _patch_lcm_noise(monkeypatch, noises)
+    import diffusers.schedulers.scheduling_lcm as lcm_mod  # LCMScheduler.step re-noises through it
+    left = helpers.patch_randn(monkeypatch, lcm_mod, noises)
     want = ref(PROMPTS, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
                latents=helpers.nchw(start), output_type="np").images
     assert left == []

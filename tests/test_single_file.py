@@ -22,6 +22,7 @@ from convert import original_layout
 from convert.export import to_torch_state_dict
 from convert.formats import read_safetensors, write_safetensors
 from jaxdiff import cli, rng, sharding
+from tests import helpers
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.single_file import export_single_file
 from tests import tiny_single_file as T
@@ -172,18 +173,6 @@ def test_two_step_image_matches_diffusers(models, loaded, name):
     assert np.abs(out.pixels - want).max() <= 1 / 255, f"{name}: image differs from diffusers"
 
 
-def _patch_randn(monkeypatch, module, tensors):
-    """Make `module.randn_tensor` return `tensors` (NHWC numpy) in order (as tests/test_generation.py)."""
-    queue = list(tensors)
-
-    def fake(shape, generator=None, device=None, dtype=None, layout=None):
-        want = queue.pop(0)
-        assert tuple(shape) == (want.shape[0], want.shape[3], want.shape[1], want.shape[2]), shape
-        return _nchw(want).to(dtype or torch.float32)
-
-    monkeypatch.setattr(module, "randn_tensor", fake)
-
-
 def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, monkeypatch):
     """The 9-channel inpainting file (strength 1) and the refiner file (img2img, 2 of 4 steps)."""
     import diffusers.models.autoencoders.vae as vae_mod
@@ -199,8 +188,8 @@ def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, mon
     ref, pipe = models["sd1_inpaint"][3], loaded["sd1_inpaint"]
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     noises = rng.request_noise(7, np.arange(1), (H // 2, W // 2, 4))
-    _patch_randn(monkeypatch, inpaint_mod, [noises["start"]])
-    _patch_randn(monkeypatch, vae_mod, [noises["masked_posterior"]])  # strength 1: no init-image encode
+    helpers.patch_randn(monkeypatch, inpaint_mod, [noises["start"]])
+    helpers.patch_randn(monkeypatch, vae_mod, [noises["masked_posterior"]])  # strength 1: no init-image encode
     out = pipe(["a red panda"], ["blurry"], image=image, mask=mask, steps=2, seed=7, **common)
     want = ref(["a red panda"], negative_prompt=["blurry"], image=image.astype(np.float32) / 255.0,
                mask_image=mask, height=H, width=W, num_inference_steps=2, guidance_scale=5.0,
@@ -209,8 +198,8 @@ def test_two_step_inpaint_and_refiner_images_match_diffusers(models, loaded, mon
 
     ref, pipe = models["sdxl_refiner"][3], loaded["sdxl_refiner"]
     noises = rng.request_noise(8, np.arange(1), (H // 2, W // 2, 4))
-    _patch_randn(monkeypatch, xl_mod, [noises["start"]])
-    _patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
+    helpers.patch_randn(monkeypatch, xl_mod, [noises["start"]])
+    helpers.patch_randn(monkeypatch, vae_mod, [noises["image_posterior"]])
     out = pipe(["a red panda"], ["blurry"], image=image, strength=0.5, steps=4, seed=8, **common)
     want = ref(["a red panda"], negative_prompt=["blurry"], image=image.astype(np.float32) / 255.0,
                strength=0.5, num_inference_steps=4, guidance_scale=5.0, output_type="np").images
