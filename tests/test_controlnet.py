@@ -11,21 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from tests import helpers
+from tests.helpers import one_torch_thread  # noqa: F401 (fixture)
 
 import jaxdiff
 from jaxdiff.errors import ConfigError
 
-@pytest.fixture(scope="module", autouse=True)
-def fewer_xla_passes():
-    """As tests/test_generation.py: compile is most of this module's time on 2 cores; numerics are
-    unchanged at the tolerances used."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    jax.config.update("jax_disable_most_optimizations", before)
+# conftest.py already runs XLA with most optimisations off; references use one torch thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _TINY = dict(layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=32)

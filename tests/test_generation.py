@@ -28,6 +28,7 @@ from jaxdiff import rng, sharding
 from jaxdiff.errors import CheckpointError, JaxdiffError
 from jaxdiff.pipeline import Pipeline
 from tests import helpers
+from tests.helpers import one_torch_thread  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # Float images in [0, 1]: per-module parity is 1e-4 of the output scale; a few UNet evaluations, CFG
@@ -39,17 +40,8 @@ PROMPTS = ["a red panda, highly detailed", "a cat"]
 NEGATIVES = ["blurry", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def setup_module_env():
-    """Fewer XLA passes (compile is most of this module's time on a loaded 2-core machine; numerics
-    are unchanged at the tolerances used), one torch thread."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    jax.config.update("jax_disable_most_optimizations", before)
+# conftest.py already runs XLA with most optimisations off; references use one torch thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
